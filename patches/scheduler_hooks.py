@@ -1,0 +1,114 @@
+"""Scheduler-side hooks: the decode relay plan is built where the radix tree lives.
+
+Each TP rank runs its own scheduler over its own replicated tree (map section 8), so every
+rank builds the same plan from the same state; no GPU->CPU copy is involved.
+
+Hooks (``sglang.srt.plugins.HookRegistry``):
+  * AFTER ``ServerArgs.__post_init__``: a ``relay`` launch gets ``--radix-cache-backend relay``
+    and is checked for unsupported settings before any process is spawned.
+  * AFTER ``Scheduler.__init__``: the tree exists only now, after the backend was built and
+    the decode graphs captured (map section 11.6): link the tree's group manager to the
+    backend, install the decode-log filter and the Prometheus metrics.
+  * BEFORE ``Scheduler.run_batch``: build the plan for exactly the batch being launched.
+    Under the overlap scheduler this is launch time for batch i (its requests' tree state
+    includes this iteration's admissions; requests prefilled in batch i-1 are still
+    counted under their admission-time ``last_node`` because their ``cache_unfinished_req``
+    runs after this launch: map 11.4, and the plan only shares KV they already share).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_hooks_registered = False
+
+
+def find_relay_backend(attn_backend):
+    """The RelayAttnBackend inside SGLang's possible wrappers (hybrid, TBO, ...), or None."""
+    from relay_radix.backend import RelayAttnBackend
+
+    seen, stack = set(), [attn_backend]
+    while stack:
+        b = stack.pop()
+        if b is None or id(b) in seen:
+            continue
+        seen.add(id(b))
+        if isinstance(b, RelayAttnBackend):
+            return b
+        for name in ("decode_backend", "prefill_backend", "primary", "full_attn_backend", "attn_backend"):
+            stack.append(getattr(b, name, None))
+    return None
+
+
+def after_server_args_post_init(result, self, *args, **kwargs):
+    # SGLang: ServerArgs.__post_init__ -- relay needs its own radix cache backend and refuses
+    # unsupported combinations here, in the launcher, with a message that says what to do.
+    backends = {getattr(self, "attention_backend", None), getattr(self, "decode_attention_backend", None)}
+    if "relay" not in backends:
+        return None
+    if not getattr(self, "radix_cache_backend", None):
+        self.radix_cache_backend = "relay"
+    from relay_radix.support import check_server_args
+
+    check_server_args(self)
+    return None
+
+
+def after_scheduler_init(result, self, *args, **kwargs):
+    # SGLang: Scheduler.__init__ -- link tree manager and backend once both exist.
+    backend = find_relay_backend(self.tp_worker.model_runner.attn_backend)
+    if backend is None:
+        return None
+    manager = getattr(self.tree_cache, "relay", None)
+    if manager is None:
+        raise RuntimeError(
+            "relay-radix: --attention-backend relay needs --radix-cache-backend relay "
+            f"(the tree is {type(self.tree_cache).__name__}); launch through relay_radix.launch_server "
+            "or pass --radix-cache-backend relay")
+    backend.attach(manager)
+    self._relay_backend = backend
+    from relay_radix.metrics import DECODE_LOG_LOGGER, DecodeLogFilter, make_prometheus
+
+    logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(lambda: backend.last_stats))
+    self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
+    logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
+    return None
+
+
+def before_run_batch(self, batch, *args, **kwargs):
+    # SGLang: Scheduler.run_batch -- plan the decode batch about to launch.
+    backend = getattr(self, "_relay_backend", None)
+    if backend is None:
+        return None
+    if batch is not None and batch.forward_mode.is_decode() and batch.reqs:
+        from relay_radix.plan import PlanStats, build_decode_plan
+
+        pool = batch.req_pool_indices_cpu
+        if pool is None:
+            pool = [r.req_pool_idx for r in batch.reqs]
+        plan = build_decode_plan(backend.manager, batch.reqs, pool, batch.seq_lens_cpu)
+        backend.set_next_plan(plan)
+        backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers)
+        prom = getattr(self, "_relay_prometheus", None)
+        if prom is not None:
+            prom.observe(stats)
+    else:
+        backend.set_next_plan(None)
+    return None
+
+
+def register_hooks() -> None:
+    global _hooks_registered
+    if _hooks_registered:
+        return
+    _hooks_registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__",
+                          after_server_args_post_init, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",
+                          after_scheduler_init, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch",
+                          before_run_batch, HookType.BEFORE)

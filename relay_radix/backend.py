@@ -1,0 +1,193 @@
+"""``RelayAttnBackend``: SGLang attention backend ``relay``.
+
+Extend/prefill (and mixed batches) go to a wrapped base backend (FlashInfer on CUDA,
+``torch_native`` on CPU). Decode runs relay attention over the plan the scheduler built for
+this step (``set_next_plan``, called by ``relay_radix.patches.scheduler_hooks`` right before
+``Scheduler.run_batch`` launches the batch; scheduler, model runner and backend share one
+process and one Python thread, so a plain reference carries the plan):
+
+    DecodeRelayPlan (CPU) --init_forward_metadata_out_graph--> slot lists (device gather)
+        --kernel.plan()--> static work lists  --forward_decode, per layer--> kernel.run()
+
+On CPU, decode runs the pure-torch reference (``relay_radix.reference``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from relay_radix.config import RelayConfig
+from relay_radix.gate import AttentionDims
+from relay_radix.kv_slots import gather_ranges
+from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan  # noqa: F401 (PlanStats: last_stats type)
+from relay_radix.reference import relay_decode_attention
+
+if TYPE_CHECKING:
+    from relay_radix.groups import RelayGroupManager
+
+logger = logging.getLogger(__name__)
+
+# Groups and memberships one CUDA-graph step can hold (static buffer capacities).
+MAX_GROUPS = 64
+
+
+class RelayAttnBackend(AttentionBackend):
+    """Relay decode over a wrapped base backend for everything else."""
+
+    def __init__(self, model_runner, base_backend: AttentionBackend, config: RelayConfig | None = None):
+        self.config = config or RelayConfig.from_env()
+        self.base = base_backend
+        self.device = torch.device(model_runner.device)
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.max_context_len = self.req_to_token.shape[1]
+        self.req_pool_size = model_runner.req_to_token_pool.size
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        mc = model_runner.model_config
+        tp = getattr(model_runner, "tp_size", 1) or 1
+        self.num_layers = mc.num_hidden_layers
+        kv_dtype = getattr(self.token_to_kv_pool, "dtype", torch.bfloat16)
+        self.dims = AttentionDims(
+            num_q_heads=mc.num_attention_heads // tp,
+            num_kv_heads=mc.get_num_kv_heads(tp),
+            head_dim=mc.head_dim,
+            kv_dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size(),
+        )
+        self.kv_dtype = kv_dtype
+        self.manager: RelayGroupManager | None = None
+        self._next_plan: DecodeRelayPlan | None = None
+        self.plan: DecodeRelayPlan | None = None  # the plan of the step being run
+        self.last_stats: PlanStats | None = None  # set by the scheduler hook per decode step
+        self.plans_without_scheduler = 0  # decode steps that ran with no scheduler plan
+        self._kernel = None
+        self._kernel_capacity = 0
+        self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
+
+    # ---- wiring ----------------------------------------------------------------------------
+    def attach(self, manager: "RelayGroupManager") -> None:
+        """Link the scheduler's relay-group manager (the tree exists only after backend
+        creation and graph capture: map section 11.6)."""
+        self.manager = manager
+        manager.dims = self.dims
+
+    def set_next_plan(self, plan: DecodeRelayPlan | None) -> None:
+        self._next_plan = plan
+
+    # ---- kernels ---------------------------------------------------------------------------
+    def _ensure_kernel(self, max_bs: int):
+        if self.device.type != "cuda":
+            return None
+        if self._kernel is not None and self._kernel_capacity >= max_bs:
+            return self._kernel
+        max_members = max_bs * self.config.max_levels
+        caps = dict(
+            max_bs=max_bs, max_groups=MAX_GROUPS, max_members=max_members,
+            max_prefix_tokens=MAX_GROUPS * self.max_context_len,
+            max_suffix_tokens=max_bs * self.max_context_len,
+        )
+        d = self.dims
+        if self.config.kernel == "flashinfer":
+            from relay_radix.kernels.flashinfer_relay import FlashInferRelayDecode as Kernel
+        else:
+            from relay_radix.kernels.triton_relay import TritonRelayDecode as Kernel
+        self._kernel = Kernel(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
+        self._kernel_capacity = max_bs
+        logger.info("relay-radix: %s decode kernels, capacity %s", self.config.kernel, caps)
+        return self._kernel
+
+    # ---- metadata --------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_decode():
+            self.init_forward_metadata_out_graph(forward_batch, in_capture=False)
+        else:
+            self.base.init_forward_metadata(forward_batch)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self._ensure_kernel(max_bs)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        # Padded rows decode one token at req_to_token[0, 0], the reserved sink slot.
+        return 1
+
+    def _take_plan(self, fb, in_capture: bool) -> DecodeRelayPlan:
+        plan, self._next_plan = self._next_plan, None
+        raw_bs = fb.batch_size - int(getattr(fb, "num_padding", 0) or 0)
+        seq_lens_cpu = fb.seq_lens_cpu
+        if plan is None:
+            if not in_capture:
+                self.plans_without_scheduler += 1
+                if self.plans_without_scheduler == 1:
+                    logger.warning(
+                        "relay-radix: a decode step reached the backend without a scheduler plan; "
+                        "it runs with no relay groups (is the relay plugin loaded in the scheduler?)")
+            return empty_plan(seq_lens_cpu[:raw_bs], torch.zeros(raw_bs, dtype=torch.int32))
+        if plan.batch_size != raw_bs or not torch.equal(
+            plan.seq_lens, seq_lens_cpu[:raw_bs].to(torch.int32)
+        ):
+            raise RuntimeError(
+                f"relay-radix: the decode plan (bs={plan.batch_size}) does not match the batch being "
+                f"run (bs={raw_bs}); the plan must be built for the batch Scheduler.run_batch launches")
+        return plan
+
+    def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
+        if not fb.forward_mode.is_decode():
+            return self.base.init_forward_metadata_out_graph(fb, in_capture)
+        plan = self._take_plan(fb, in_capture)
+        self.plan = plan
+        bs = fb.batch_size  # padded rows (CUDA graph) follow the plan's rows, in no group
+        pad = bs - plan.batch_size
+        seq_lens = fb.seq_lens_cpu[:bs].to(torch.int64)
+        suffix_start = torch.cat([plan.suffix_start.to(torch.int64), torch.zeros(pad, dtype=torch.int64)])
+        suffix_lens = seq_lens - suffix_start
+        if plan.num_groups > MAX_GROUPS:
+            raise RuntimeError(f"relay-radix: {plan.num_groups} groups exceed MAX_GROUPS={MAX_GROUPS}")
+        prefix_lens = plan.prefix_lens.to(torch.int64)
+        prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
+        suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
+        kernel = self._ensure_kernel(max(bs, self.req_pool_size))
+        if kernel is None:  # CPU: the reference path reads the lists directly
+            self._cpu_slots = dict(
+                prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,
+                member_indptr=plan.member_indptr, member_rows=plan.member_rows,
+                suffix_kv_indptr=_indptr(suffix_lens), suffix_kv_indices=suffix_idx,
+            )
+            return
+        kernel.plan(
+            prefix_kv_indices=prefix_idx, suffix_kv_indices=suffix_idx,
+            prefix_lens_cpu=prefix_lens, member_indptr_cpu=plan.member_indptr.to(torch.int64),
+            member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens,
+        )
+
+    def init_forward_metadata_in_graph(self, fb):
+        if not fb.forward_mode.is_decode():
+            return self.base.init_forward_metadata_in_graph(fb)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self.base.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        q3 = q.reshape(-1, hq, d)
+        k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        logit_cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
+        if self._kernel is None:
+            o, _ = relay_decode_attention(
+                q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
+        else:
+            o = q3.new_empty((q3.shape[0], hq, dv))
+            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap)
+        return o.reshape(-1, hq * dv)
+
+
+def _indptr(lens: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+    out[1:] = torch.cumsum(lens.to(torch.int64), 0)
+    return out

@@ -1,0 +1,80 @@
+"""relay-radix settings: one frozen dataclass, read from documented environment variables.
+
+Environment variables are the configuration channel because SGLang spawns one scheduler
+process per rank and each inherits the launcher's environment (server arguments of a
+plugin would need SGLang's argparse to know them). ``relay_radix.launch_server`` turns its
+``--relay-*`` flags into these variables.
+
+| variable | default | meaning |
+|---|---|---|
+| ``RELAY_RADIX_MIN_GROUP_SIZE`` | 4 | live requests that must share a prefix before it is promoted |
+| ``RELAY_RADIX_DEMOTE_GROUP_SIZE`` | max(2, min/2) | a promoted group is demoted below this (hysteresis) |
+| ``RELAY_RADIX_MIN_PREFIX_TOKENS`` | 256 | shortest shared segment worth a group |
+| ``RELAY_RADIX_MAX_LEVELS`` | 4 | deepest nesting of groups (level 0 = outermost) |
+| ``RELAY_RADIX_KERNEL`` | triton | decode kernels: ``triton`` or ``flashinfer`` |
+| ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
+| ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+KERNEL_CHOICES = ("triton", "flashinfer")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Thresholds and choices of relay-radix (see the module docstring for the variables)."""
+
+    min_group_size: int = 4
+    demote_group_size: int = 2
+    min_prefix_tokens: int = 256
+    max_levels: int = 4
+    kernel: str = "triton"
+    base_backend: str | None = None  # None: chosen by device (flashinfer on CUDA)
+    gate: bool = True
+
+    def __post_init__(self):
+        if self.min_group_size < 2:
+            raise ValueError(
+                f"min_group_size={self.min_group_size}: a relay group needs at least 2 requests "
+                "(set RELAY_RADIX_MIN_GROUP_SIZE >= 2)"
+            )
+        if not 1 <= self.demote_group_size <= self.min_group_size:
+            raise ValueError(
+                f"demote_group_size={self.demote_group_size} must lie in [1, min_group_size="
+                f"{self.min_group_size}] (set RELAY_RADIX_DEMOTE_GROUP_SIZE)"
+            )
+        if self.min_prefix_tokens < 1:
+            raise ValueError("min_prefix_tokens must be >= 1 (RELAY_RADIX_MIN_PREFIX_TOKENS)")
+        if self.max_levels < 1:
+            raise ValueError("max_levels must be >= 1 (RELAY_RADIX_MAX_LEVELS)")
+        if self.kernel not in KERNEL_CHOICES:
+            raise ValueError(
+                f"RELAY_RADIX_KERNEL={self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}"
+            )
+
+    @classmethod
+    def from_env(cls) -> "RelayConfig":
+        min_group = _env_int("RELAY_RADIX_MIN_GROUP_SIZE", 4)
+        return cls(
+            min_group_size=min_group,
+            demote_group_size=_env_int("RELAY_RADIX_DEMOTE_GROUP_SIZE", max(2, min_group // 2)),
+            min_prefix_tokens=_env_int("RELAY_RADIX_MIN_PREFIX_TOKENS", 256),
+            max_levels=_env_int("RELAY_RADIX_MAX_LEVELS", 4),
+            kernel=os.environ.get("RELAY_RADIX_KERNEL", "triton") or "triton",
+            base_backend=os.environ.get("RELAY_RADIX_BASE_BACKEND") or None,
+            gate=_env_int("RELAY_RADIX_GATE", 1) != 0,
+        )

@@ -1,0 +1,76 @@
+"""Relay observability: per-decode-step figures in the decode log line and Prometheus.
+
+* Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
+  ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%)`` to every
+  ``Decode batch ...`` line (SGLang builds that line inside ``report_decode_stats``; the
+  filter extends it without touching SGLang's code).
+* Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
+  made in a scheduler process (map section 9); these gauges and counters are made on the
+  first decode step of a process whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from relay_radix.plan import PlanStats
+
+DECODE_LOG_LOGGER = "sglang.srt.managers.scheduler_components.metrics_reporter"
+
+
+def format_stats(s: PlanStats | None) -> str:
+    if s is None:
+        return "relay: no decode plan yet"
+    saved = 1 - s.kv_bytes_relay / s.kv_bytes_vanilla if s.kv_bytes_vanilla else 0.0
+    return (f"relay: groups {s.groups}, members {s.members}, shared {s.shared_tokens} tok, "
+            f"KV read {s.kv_bytes_relay / 1e9:.3f}/{s.kv_bytes_vanilla / 1e9:.3f} GB (-{100 * saved:.0f}%)")
+
+
+class DecodeLogFilter(logging.Filter):
+    """Appends the last relay plan's figures to SGLang's ``Decode batch`` log line."""
+
+    def __init__(self, stats_source):
+        super().__init__()
+        self.stats_source = stats_source  # callable -> PlanStats | None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Decode batch"):
+            record.msg = f"{record.msg}, {format_stats(self.stats_source())}"
+        return True
+
+
+class RelayPrometheus:
+    """Relay gauges (last step) and counters (totals) for ``/metrics``."""
+
+    def __init__(self, labels: dict[str, str]):
+        from prometheus_client import Counter, Gauge
+
+        names = list(labels)
+        self.labels = labels
+
+        def gauge(name, doc):
+            return Gauge(f"sglang:relay_{name}", doc, labelnames=names, multiprocess_mode="mostrecent")
+
+        self.groups = gauge("groups", "Relay groups in the last decode step")
+        self.members = gauge("members", "Requests in at least one relay group (last decode step)")
+        self.shared_tokens = gauge("shared_tokens", "Shared prefix tokens read once per step (last step)")
+        self.kv_bytes_relay = Counter("sglang:relay_kv_bytes_read", "KV bytes decode attention read with relay",
+                                      labelnames=names)
+        self.kv_bytes_vanilla = Counter("sglang:relay_kv_bytes_vanilla", "KV bytes vanilla decode would have read",
+                                        labelnames=names)
+
+    def observe(self, s: PlanStats) -> None:
+        lb = self.labels
+        self.groups.labels(**lb).set(s.groups)
+        self.members.labels(**lb).set(s.members)
+        self.shared_tokens.labels(**lb).set(s.shared_tokens)
+        self.kv_bytes_relay.labels(**lb).inc(s.kv_bytes_relay)
+        self.kv_bytes_vanilla.labels(**lb).inc(s.kv_bytes_vanilla)
+
+
+def make_prometheus(tp_rank: int) -> RelayPrometheus | None:
+    """Prometheus metrics for this scheduler process, or None when metrics are off."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    return RelayPrometheus({"tp_rank": str(tp_rank)})

@@ -1,0 +1,166 @@
+"""The decode relay plan: who reads which shared segment in one decode batch.
+
+Built on the CPU by the scheduler (which owns the radix tree and the requests) from the
+relay groups, with no GPU->CPU copy; consumed by the backend, which turns token ranges into
+KV slot ids by gathering from ``req_to_token`` on the device. All tensors are int32 on the
+CPU; rows are SGLang's batch order.
+
+For row ``r``: its groups' segments ``[group_start[g], group_end[g])`` (one per level) and
+its own part ``[suffix_start[r], seq_lens[r])`` are disjoint and cover ``[0, seq_lens[r])``.
+A row in no group has ``suffix_start = 0`` (plain paged decode over its whole sequence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from relay_radix.gate import AttentionDims
+    from relay_radix.groups import RelayGroup, RelayGroupManager
+    from sglang.srt.managers.schedule_batch import Req
+
+
+@dataclasses.dataclass(slots=True)
+class DecodeRelayPlan:
+    """One decode batch's relay plan (CPU int32 tensors; ``G`` groups, ``M`` memberships)."""
+
+    batch_size: int
+    seq_lens: torch.Tensor  # [bs] tokens per row, including the token being decoded
+    req_pool_indices: torch.Tensor  # [bs] row of req_to_token per batch row
+    group_level: torch.Tensor  # [G] 0 = outermost
+    group_start: torch.Tensor  # [G] first token position of the shared segment
+    group_end: torch.Tensor  # [G] one past its last token position
+    group_src_pool_idx: torch.Tensor  # [G] req_to_token row of one member (all hold the same slots there)
+    member_indptr: torch.Tensor  # [G+1] group g's members: member_rows[member_indptr[g]:member_indptr[g+1]]
+    member_rows: torch.Tensor  # [M] batch rows, ascending within a group
+    suffix_start: torch.Tensor  # [bs] first token position of the row's own part
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_level.numel())
+
+    @property
+    def prefix_lens(self) -> torch.Tensor:
+        """[G] tokens per shared segment."""
+        return self.group_end - self.group_start
+
+    @property
+    def suffix_lens(self) -> torch.Tensor:
+        """[bs] tokens of each row's own part (>= 1: the decoded token is never shared)."""
+        return self.seq_lens - self.suffix_start
+
+    def kv_tokens_read(self) -> tuple[int, int]:
+        """(relay, vanilla): KV tokens read per layer with relay and without it."""
+        relay = int(self.prefix_lens.sum()) + int(self.suffix_lens.sum())
+        return relay, int(self.seq_lens.sum())
+
+    def fingerprint(self) -> str:
+        """Short hash of the plan's structure (equal plans on every tensor-parallel rank)."""
+        h = hashlib.blake2b(digest_size=8)
+        for t in (self.seq_lens, self.req_pool_indices, self.group_level, self.group_start,
+                  self.group_end, self.member_indptr, self.member_rows, self.suffix_start):
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
+def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> DecodeRelayPlan:
+    """A plan with no groups: every row decodes its whole sequence as its own part."""
+    bs = int(seq_lens.numel())
+    z = torch.zeros(0, dtype=torch.int32)
+    return DecodeRelayPlan(
+        batch_size=bs,
+        seq_lens=seq_lens.to(torch.int32).cpu(),
+        req_pool_indices=req_pool_indices.to(torch.int32).cpu(),
+        group_level=z, group_start=z, group_end=z, group_src_pool_idx=z,
+        member_indptr=torch.zeros(1, dtype=torch.int32),
+        member_rows=z,
+        suffix_start=torch.zeros(bs, dtype=torch.int32),
+    )
+
+
+def build_decode_plan(
+    manager: "RelayGroupManager",
+    reqs: Sequence["Req"],
+    req_pool_indices: Sequence[int] | torch.Tensor,
+    seq_lens: Sequence[int] | torch.Tensor,
+) -> DecodeRelayPlan:
+    """Sync the manager with one decode batch, refresh its groups, and emit the plan.
+
+    Args:
+        manager: the tree's ``RelayGroupManager``.
+        reqs: the batch's requests in batch order (``ScheduleBatch.reqs``).
+        req_pool_indices: ``[bs]`` their ``req_to_token`` rows (CPU).
+        seq_lens: ``[bs]`` their lengths including the token being decoded (CPU).
+
+    Work is per request and per group (a short walk to the root per distinct tree node),
+    never per token.
+    """
+    manager.sync(reqs)
+    manager.refresh()
+    pool = torch.as_tensor(req_pool_indices, dtype=torch.int32).cpu()
+    lens = torch.as_tensor(seq_lens, dtype=torch.int32).cpu()
+    if not manager._groups:
+        return empty_plan(lens, pool)
+
+    chains: dict = {}
+    rows_of: dict[int, list[int]] = {}  # id(group) -> member rows
+    group_of: dict[int, "RelayGroup"] = {}
+    suffix_start = [0] * len(reqs)
+    for r, req in enumerate(reqs):
+        node = req.last_node
+        chain = chains.get(node)
+        if chain is None:
+            chain = chains[node] = manager.group_chain(node)
+        for g in chain:
+            rows_of.setdefault(id(g), []).append(r)
+            group_of[id(g)] = g
+        if chain:
+            suffix_start[r] = chain[-1].end
+
+    # Deterministic order for the same batch: outermost level first, then first member row.
+    order = sorted(rows_of, key=lambda k: (group_of[k].level, rows_of[k][0]))
+    groups = [group_of[k] for k in order]
+    counts = [len(rows_of[k]) for k in order]
+    member_rows = torch.tensor([r for k in order for r in rows_of[k]], dtype=torch.int32)
+    member_indptr = torch.zeros(len(order) + 1, dtype=torch.int32)
+    member_indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0)
+    first_rows = member_indptr[:-1].long()
+    return DecodeRelayPlan(
+        batch_size=len(reqs),
+        seq_lens=lens,
+        req_pool_indices=pool,
+        group_level=torch.tensor([g.level for g in groups], dtype=torch.int32),
+        group_start=torch.tensor([g.start for g in groups], dtype=torch.int32),
+        group_end=torch.tensor([g.end for g in groups], dtype=torch.int32),
+        group_src_pool_idx=pool[member_rows[first_rows].long()],
+        member_indptr=member_indptr,
+        member_rows=member_rows,
+        suffix_start=torch.tensor(suffix_start, dtype=torch.int32),
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlanStats:
+    """What one decode step's plan does, for logs and metrics."""
+
+    groups: int
+    members: int  # rows in at least one group
+    shared_tokens: int  # sum of shared segment lengths
+    kv_bytes_relay: int  # KV bytes read per step, all layers, with relay
+    kv_bytes_vanilla: int  # the same without relay
+
+    @classmethod
+    def of(cls, plan: DecodeRelayPlan, dims: "AttentionDims", num_layers: int) -> "PlanStats":
+        relay, vanilla = plan.kv_tokens_read()
+        per_tok = dims.kv_bytes_per_token * num_layers
+        return cls(
+            groups=plan.num_groups,
+            members=int((plan.suffix_start > 0).sum()),
+            shared_tokens=int(plan.prefix_lens.sum()),
+            kv_bytes_relay=relay * per_tok,
+            kv_bytes_vanilla=vanilla * per_tok,
+        )

@@ -1,0 +1,81 @@
+"""``RelayRadixCache``: SGLang's ``RadixCache`` with a ``RelayGroupManager`` riding along.
+
+A subclass, not a copy: every tree operation is SGLang's own; the overrides only tell the
+manager about the three events that change who shares what (a request's KV is cached as
+finished, a request's ``last_node`` moves, a node splits). Registered as the radix-cache
+backend ``relay`` (``--radix-cache-backend relay``) by ``relay_radix.plugin``.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.mem_cache.radix_cache import RadixCache
+
+from relay_radix.config import RelayConfig
+from relay_radix.groups import RelayGroupManager
+
+
+class RelayRadixCache(RadixCache):
+    """Radix cache whose ``relay`` attribute tracks live sharing and relay groups."""
+
+    def __init__(self, params, config: RelayConfig | None = None):
+        self.relay = None  # reset() runs inside super().__init__ before the manager exists
+        super().__init__(params)
+        if self.disable:
+            raise ValueError(
+                "relay-radix needs the radix cache: remove --disable-radix-cache "
+                "(or use another --attention-backend)"
+            )
+        if self.page_size != 1:
+            raise ValueError(
+                f"relay-radix supports --page-size 1 only (got {self.page_size})"
+            )
+        self.relay = RelayGroupManager(self, config)
+
+    def reset(self):
+        super().reset()
+        if self.relay is not None:
+            self.relay.clear()
+
+    # SGLang: RadixCache.cache_finished_req -- the single exit of a request's KV from the
+    # running set (finish, abort, and retraction via release_kv_cache(is_insert=False)).
+    # Leave the groups first so a dissolving group unpins before the request's own lock goes.
+    def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int):
+        if self.relay is not None:
+            self.relay.leave(req)
+        return super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+
+    # SGLang: RadixCache.cache_unfinished_req -- moves req.last_node (and its lock) to the
+    # node of the whole prompt after prefill; a live request is re-counted there.
+    def cache_unfinished_req(self, req, chunked: bool = False):
+        super().cache_unfinished_req(req, chunked=chunked)
+        if self.relay is not None and self.relay.is_live(req):
+            self.relay.repoint(req)
+
+    # SGLang: RadixCache._split_node -- a new parent appears above `child`; it carries the
+    # child's live requests (the tree copies the child's lock_ref to it for the same reason).
+    def _split_node(self, key, child, split_len):
+        new_node = super()._split_node(key, child, split_len)
+        if self.relay is not None:
+            self.relay.on_split(new_node, child)
+        return new_node
+
+
+def relay_radix_cache_factory(ctx):
+    """``register_radix_cache_backend`` factory: refuse tree variants relay cannot follow."""
+    reasons = []
+    if ctx.disable_radix_cache:
+        reasons.append("--disable-radix-cache is set (relay groups come from the radix tree)")
+    if ctx.enable_hierarchical_cache:
+        reasons.append("--enable-hierarchical-cache (HiRadixCache) is not supported")
+    if ctx.is_hybrid_swa:
+        reasons.append("sliding-window (hybrid SWA) models are not supported")
+    if ctx.is_hybrid_ssm:
+        reasons.append("hybrid SSM/mamba models are not supported")
+    if getattr(ctx, "is_dsa", False):
+        reasons.append("DSA sparse-attention models are not supported")
+    if reasons:
+        raise ValueError(
+            "relay-radix cannot run here: " + "; ".join(reasons)
+            + ". Use the default radix cache with another --attention-backend (e.g. flashinfer)."
+        )
+    return RelayRadixCache(ctx.params)

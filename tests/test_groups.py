@@ -1,0 +1,202 @@
+"""Relay groups over SGLang's real RadixCache: promotion, nesting, dissolution, invariants."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay_radix.config import RelayConfig
+from relay_radix.plan import build_decode_plan
+from tests.plan_checks import check_no_leak, check_plan
+from tests.sglang_cpu import MiniScheduler
+
+
+def words(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 999) for _ in range(n)]
+
+
+def plan_for(sched):
+    batch = sched.decode_batch()
+    plan = build_decode_plan(sched.tree.relay, batch.reqs, batch.req_pool_indices_cpu, batch.seq_lens_cpu)
+    check_plan(sched, batch, plan)
+    sched.after_decode(batch)
+    return batch, plan
+
+
+def group_table(plan):
+    """{(level, start, end): member count} of a plan."""
+    return {
+        (int(plan.group_level[g]), int(plan.group_start[g]), int(plan.group_end[g])):
+        int(plan.member_indptr[g + 1] - plan.member_indptr[g])
+        for g in range(plan.num_groups)
+    }
+
+
+def test_nested_system_prompts_promote_then_dissolve():
+    """A global prompt shared by 8 requests and, under it, a few-shot block shared by 4:
+    two nested groups; they dissolve as requests finish and leave nothing pinned."""
+    cfg = RelayConfig(min_group_size=3, demote_group_size=2, min_prefix_tokens=64)
+    s = MiniScheduler(relay_config=cfg)
+    system, fewshot = words(1, 600), words(2, 300)
+    with_fewshot = [s.new_req(system + fewshot + words(10 + i, 20)) for i in range(4)]
+    plain = [s.new_req(system + words(20 + i, 30)) for i in range(4)]
+    alone = [s.new_req(words(30 + i, 200)) for i in range(2)]
+    s.prefill(with_fewshot[:1])  # the first request puts the prompts in the tree
+    s.prefill(with_fewshot[1:] + plain + alone)
+    batch, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 600): 8, (1, 600, 900): 4}
+    rows = {r.rid: i for i, r in enumerate(batch.reqs)}
+    for r in alone:
+        assert int(plan.suffix_start[rows[r.rid]]) == 0
+    for r in plain:
+        assert int(plan.suffix_start[rows[r.rid]]) == 600
+    for r in with_fewshot:
+        assert int(plan.suffix_start[rows[r.rid]]) == 900
+    relay, vanilla = plan.kv_tokens_read()
+    assert vanilla - relay == 7 * 600 + 3 * 300  # each shared token read once, not per member
+
+    # Two few-shot members finish: the level-1 group keeps 2 >= demote size (hysteresis).
+    for r in with_fewshot[:2]:
+        s.finish(r)
+    _, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 600): 6, (1, 600, 900): 2}
+    # One more leaves: below the demote size, the level-1 group dissolves at once.
+    s.finish(with_fewshot[2])
+    assert [(g.level, g.start, g.end) for g in s.tree.relay.groups] == [(0, 0, 600)]
+    _, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 600): 5}
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
+def test_group_needs_min_size_and_tokens():
+    cfg = RelayConfig(min_group_size=4, demote_group_size=2, min_prefix_tokens=256)
+    s = MiniScheduler(relay_config=cfg)
+    short = words(3, 100)
+    s.prefill([s.new_req(short + words(40 + i, 10)) for i in range(6)])
+    _, plan = plan_for(s)
+    assert plan.num_groups == 0  # 100 shared tokens < min_prefix_tokens
+    long = words(4, 400)
+    s.prefill([s.new_req(long + words(50 + i, 10)) for i in range(3)])
+    _, plan = plan_for(s)
+    assert plan.num_groups == 0  # 3 sharers < min_group_size
+    s.prefill([s.new_req(long + words(60, 10))])
+    _, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 400): 4}
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
+def test_overlap_first_decode_uses_admission_match():
+    """Overlap scheduling: requests prefilled together are deduplicated only after their
+    first decode step was launched; that step must not group KV they do not share yet."""
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16)
+    s = MiniScheduler(relay_config=cfg, overlap=True)
+    system = words(5, 300)
+    s.prefill([s.new_req(system + words(70 + i, 8)) for i in range(4)])
+    _, plan = plan_for(s)  # last_node is still the root for all four
+    assert plan.num_groups == 0
+    _, plan = plan_for(s)  # cache_unfinished_req has run: they share the tree's copy now
+    assert group_table(plan) == {(0, 0, 300): 4}
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
+def test_pinned_group_survives_eviction_and_split():
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16)
+    s = MiniScheduler(relay_config=cfg)
+    system = words(6, 200)
+    reqs = [s.new_req(system + words(80 + i, 8)) for i in range(3)]
+    s.prefill(reqs)
+    _, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 200): 3}
+    s.evict_all_unlocked()
+    # A newcomer matching only half the prompt splits the group's head node.
+    s.prefill([s.new_req(system[:100] + words(90, 8))])
+    _, plan = plan_for(s)
+    # The head node kept its identity (and pin) under the split: 4 requests now share
+    # [0, 100) and 3 of them also [100, 200), which is two nested groups.
+    assert group_table(plan) == {(0, 0, 100): 4, (1, 100, 200): 3}
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
+def test_retract_and_abort_leave_groups_at_once():
+    cfg = RelayConfig(min_group_size=3, demote_group_size=3, min_prefix_tokens=16)
+    s = MiniScheduler(relay_config=cfg)
+    system = words(7, 128)
+    reqs = [s.new_req(system + words(100 + i, 8)) for i in range(3)]
+    s.prefill(reqs)
+    plan_for(s)
+    assert len(s.tree.relay.groups) == 1
+    s.retract(reqs[0])
+    assert s.tree.relay.groups == []  # 2 < demote size: dissolved without waiting for a step
+    s.finish(reqs[1])  # abort takes the same release path as finish
+    s.finish(reqs[2])
+    check_no_leak(s)
+
+
+def test_byte_gate_keeps_unprofitable_groups_out():
+    """With the model's dimensions known, a group is promoted only if the KV bytes it saves
+    exceed the partial-state bytes and fixed tail it adds (relay_radix.gate)."""
+    from relay_radix.gate import AttentionDims, bytes_added, bytes_saved
+
+    llama7b = AttentionDims(num_q_heads=32, num_kv_heads=32, head_dim=128, kv_dtype_bytes=2)
+    llama3 = AttentionDims(num_q_heads=32, num_kv_heads=8, head_dim=128, kv_dtype_bytes=2)
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16)
+    for dims, expect in [(llama7b, 1), (llama3, 0)]:
+        s = MiniScheduler(relay_config=cfg)
+        s.tree.relay.dims = dims
+        s.prefill([s.new_req(words(8, 128) + words(200 + i, 5)) for i in range(2)])
+        _, plan = plan_for(s)
+        pays = bytes_saved(2, 128, dims) > bytes_added(2, dims)
+        assert plan.num_groups == expect == int(pays)
+        for r in list(s.running):
+            s.finish(r)
+        check_no_leak(s)
+
+
+# ---- property test: random arrivals, finishes, aborts, retractions, evictions ------------
+PROMPTS = {"A": words(11, 300), "B": words(12, 200), "F1": words(13, 120), "F2": words(14, 90)}
+SHAPES = [("A",), ("A", "F1"), ("A", "F2"), ("B",), ()]
+
+op = st.one_of(
+    st.tuples(st.just("arrive"), st.integers(0, len(SHAPES) - 1), st.integers(1, 4)),
+    st.tuples(st.just("decode"), st.integers(1, 3), st.just(0)),
+    st.tuples(st.just("finish"), st.integers(0, 10_000), st.just(0)),
+    st.tuples(st.just("retract"), st.integers(0, 10_000), st.just(0)),
+    st.tuples(st.just("evict"), st.just(0), st.just(0)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, min_size=5, max_size=25), overlap=st.booleans(), seed=st.integers(0, 10**6))
+def test_random_lifecycles_keep_invariants(ops, overlap, seed):
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32)
+    s = MiniScheduler(relay_config=cfg, overlap=overlap, kv_size=16384, max_reqs=48)
+    rng = random.Random(seed)
+    for kind, a, b in ops:
+        if kind == "arrive" and len(s.running) + b <= 40:
+            shape = SHAPES[a]
+            prefix = [t for part in shape for t in PROMPTS[part]]
+            s.prefill([s.new_req(prefix + words(rng.randrange(10**9), rng.randrange(1, 40)))
+                       for _ in range(b)])
+        elif kind == "decode" and s.running:
+            for _ in range(a):
+                plan_for(s)
+        elif kind in ("finish", "retract") and s.running:
+            victim = s.running[a % len(s.running)]
+            (s.finish if kind == "finish" else s.retract)(victim)
+        elif kind == "evict":
+            s.evict_all_unlocked()
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)

@@ -1,0 +1,108 @@
+"""The plugin through SGLang's own loader: entry point, choices, registries, launch checks."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def plugins_loaded():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # discovers relay through the installed entry point, as every SGLang process does
+    return True
+
+
+def test_entry_point_registers_relay(plugins_loaded):
+    from importlib.metadata import entry_points
+
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("relay") == "relay_radix.plugin:register"
+    assert "relay" in ATTENTION_BACKEND_CHOICES
+    assert "relay" in ATTENTION_BACKENDS
+    assert get_radix_cache_factory("relay") is not None
+
+
+def test_command_line_accepts_relay_and_sets_its_tree(plugins_loaded):
+    from sglang.srt.server_args import prepare_server_args
+
+    from tests.sglang_cpu import tiny_model_dir
+
+    args = prepare_server_args(["--model-path", tiny_model_dir(), "--device", "cpu",
+                                "--attention-backend", "relay", "--skip-tokenizer-init"])
+    assert args.attention_backend == "relay"
+    assert args.radix_cache_backend == "relay"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (dict(page_size=16), "--page-size 16"),
+    (dict(disable_radix_cache=True), "--disable-radix-cache"),
+    (dict(enable_hierarchical_cache=True), "--enable-hierarchical-cache"),
+    (dict(kv_cache_dtype="fp8_e4m3"), "quantized KV"),
+    (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
+    (dict(enable_dp_attention=True), "--enable-dp-attention"),
+])
+def test_unsupported_settings_are_refused_with_advice(extra, needle):
+    from relay_radix.support import RelayUnsupported, check_server_args
+
+    args = types.SimpleNamespace(**{"attention_backend": "relay", "page_size": 1, **extra})
+    with pytest.raises(RelayUnsupported, match="not supported") as e:
+        check_server_args(args)
+    assert needle in str(e.value)
+
+
+def test_model_checks_refuse_mla_sliding_window_and_fp8():
+    from relay_radix.support import RelayUnsupported, check_model_runner
+
+    def runner(**kw):
+        mc = types.SimpleNamespace(is_encoder_decoder=False, hf_text_config=types.SimpleNamespace(),
+                                   is_hybrid_swa=False, sliding_window_size=None, attention_chunk_size=None)
+        base = dict(use_mla_backend=False, is_draft_worker=False, page_size=1, model_config=mc,
+                    token_to_kv_pool=types.SimpleNamespace(dtype=torch.bfloat16))
+        base.update(kw)
+        return types.SimpleNamespace(**base)
+
+    check_model_runner(runner())  # a plain dense model passes
+    with pytest.raises(RelayUnsupported, match="MLA"):
+        check_model_runner(runner(use_mla_backend=True))
+    with pytest.raises(RelayUnsupported, match="KV cache dtype"):
+        check_model_runner(runner(token_to_kv_pool=types.SimpleNamespace(dtype=torch.float8_e4m3fn)))
+    swa = runner()
+    swa.model_config.hf_text_config = types.SimpleNamespace(sliding_window=4096)
+    with pytest.raises(RelayUnsupported, match="sliding-window"):
+        check_model_runner(swa)
+    qwen_like = runner()  # a window that is configured but not used is fine
+    qwen_like.model_config.hf_text_config = types.SimpleNamespace(sliding_window=4096, use_sliding_window=False)
+    check_model_runner(qwen_like)
+
+
+def test_radix_cache_factory_refuses_tree_variants():
+    from relay_radix.radix_cache import relay_radix_cache_factory
+
+    ctx = types.SimpleNamespace(disable_radix_cache=False, enable_hierarchical_cache=True,
+                                is_hybrid_swa=False, is_hybrid_ssm=False, is_dsa=False, params=None)
+    with pytest.raises(ValueError, match="hierarchical"):
+        relay_radix_cache_factory(ctx)
+
+
+def test_config_from_env_validates(monkeypatch):
+    from relay_radix.config import RelayConfig
+
+    monkeypatch.setenv("RELAY_RADIX_MIN_GROUP_SIZE", "8")
+    monkeypatch.setenv("RELAY_RADIX_KERNEL", "flashinfer")
+    cfg = RelayConfig.from_env()
+    assert (cfg.min_group_size, cfg.demote_group_size, cfg.kernel) == (8, 4, "flashinfer")
+    monkeypatch.setenv("RELAY_RADIX_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL"):
+        RelayConfig.from_env()
+    monkeypatch.setenv("RELAY_RADIX_KERNEL", "triton")
+    monkeypatch.setenv("RELAY_RADIX_MIN_GROUP_SIZE", "1")
+    with pytest.raises(ValueError, match="at least 2"):
+        RelayConfig.from_env()
