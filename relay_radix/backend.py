@@ -44,7 +44,6 @@ class RelayAttnBackend(AttentionBackend):
         self.device = torch.device(model_runner.device)
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.max_context_len = self.req_to_token.shape[1]
-        self.req_pool_size = model_runner.req_to_token_pool.size
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         mc = model_runner.model_config
         tp = getattr(model_runner, "tp_size", 1) or 1
@@ -62,8 +61,9 @@ class RelayAttnBackend(AttentionBackend):
         self.plan: DecodeRelayPlan | None = None  # the plan of the step being run
         self.last_stats: PlanStats | None = None  # set by the scheduler hook per decode step
         self.plans_without_scheduler = 0  # decode steps that ran with no scheduler plan
-        self._kernel = None
-        self._kernel_capacity = 0
+        self._graph_kernel = None  # static buffers of the captured decode graphs
+        self._eager_kernel = None  # larger eager batches
+        self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -77,11 +77,7 @@ class RelayAttnBackend(AttentionBackend):
         self._next_plan = plan
 
     # ---- kernels ---------------------------------------------------------------------------
-    def _ensure_kernel(self, max_bs: int):
-        if self.device.type != "cuda":
-            return None
-        if self._kernel is not None and self._kernel_capacity >= max_bs:
-            return self._kernel
+    def _make_kernel(self, max_bs: int):
         max_members = max_bs * self.config.max_levels
         caps = dict(
             max_bs=max_bs, max_groups=MAX_GROUPS, max_members=max_members,
@@ -93,10 +89,22 @@ class RelayAttnBackend(AttentionBackend):
             from relay_radix.kernels.flashinfer_relay import FlashInferRelayDecode as Kernel
         else:
             from relay_radix.kernels.triton_relay import TritonRelayDecode as Kernel
-        self._kernel = Kernel(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
-        self._kernel_capacity = max_bs
         logger.info("relay-radix: %s decode kernels, capacity %s", self.config.kernel, caps)
-        return self._kernel
+        return Kernel(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
+
+    def _kernel_for(self, bs: int):
+        """The kernel object whose static buffers hold a batch of ``bs`` rows.
+
+        The CUDA-graph kernel is made once in ``init_cuda_graph_state`` (captured graphs keep
+        pointers to its buffers, so it is never replaced); batches larger than the largest
+        captured one run eagerly on a second object grown on demand."""
+        if self.device.type != "cuda":
+            return None
+        if self._graph_kernel is not None and bs <= self._graph_kernel.max_bs:
+            return self._graph_kernel
+        if self._eager_kernel is None or bs > self._eager_kernel.max_bs:
+            self._eager_kernel = self._make_kernel(max(bs, 2 * (self._eager_kernel.max_bs if self._eager_kernel else 64)))
+        return self._eager_kernel
 
     # ---- metadata --------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -106,7 +114,8 @@ class RelayAttnBackend(AttentionBackend):
             self.base.init_forward_metadata(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        self._ensure_kernel(max_bs)
+        if self.device.type == "cuda":
+            self._graph_kernel = self._make_kernel(max_bs)
 
     def get_cuda_graph_seq_len_fill_value(self):
         # Padded rows decode one token at req_to_token[0, 0], the reserved sink slot.
@@ -147,7 +156,7 @@ class RelayAttnBackend(AttentionBackend):
         prefix_lens = plan.prefix_lens.to(torch.int64)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
         suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
-        kernel = self._ensure_kernel(max(bs, self.req_pool_size))
+        kernel = self._kernel = self._kernel_for(bs)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,

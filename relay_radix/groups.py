@@ -68,7 +68,8 @@ class RelayGroupManager:
         self._count: dict["TreeNode", int] = {}  # live requests passing through each node
         self._live: dict[str, "TreeNode"] = {}  # rid -> node it is counted under
         self._groups: dict["TreeNode", RelayGroup] = {}  # head -> group (pinned heads)
-        self._version = 0  # bumps whenever the group set changes (plans cache per version)
+        self._version = 0  # bumps whenever the group set changes
+        self._dirty = False  # live counts changed since the last refresh
 
     # ---- queries -------------------------------------------------------------------------
     def live_count(self, node: "TreeNode") -> int:
@@ -94,22 +95,28 @@ class RelayGroupManager:
     def pinned_tokens(self) -> int:
         return sum(g.tokens for g in self._groups.values())
 
-    def group_chain(self, node: "TreeNode | None") -> tuple[RelayGroup, ...]:
-        """Groups whose heads lie on the path root..node, outermost first."""
-        chain = []
-        root = self.tree.root_node
-        while node is not None and node is not root:
-            g = self._groups.get(node)
-            if g is not None:
-                chain.append(g)
-            node = node.parent
-        chain.reverse()
-        return tuple(chain)
+    def group_chain(self, node: "TreeNode | None", memo: dict | None = None) -> tuple[RelayGroup, ...]:
+        """Groups whose heads lie on the path root..node, outermost first.
+
+        ``memo`` (node -> chain) lets one plan walk each tree node once: requests have their
+        own leaves but share the ancestors."""
+        if node is None or node is self.tree.root_node:
+            return ()
+        if memo is not None and node in memo:
+            return memo[node]
+        chain = self.group_chain(node.parent, memo)
+        g = self._groups.get(node)
+        if g is not None:
+            chain = chain + (g,)
+        if memo is not None:
+            memo[node] = chain
+        return chain
 
     # ---- membership ----------------------------------------------------------------------
     def _add_path(self, node: "TreeNode | None", delta: int) -> None:
         root = self.tree.root_node
         while node is not None and node is not root:
+            self._dirty = True
             c = self._count.get(node, 0) + delta
             if c > 0:
                 self._count[node] = c
@@ -160,6 +167,7 @@ class RelayGroupManager:
         c = self._count.get(child)
         if c:
             self._count[new_parent] = c
+            self._dirty = True
 
     # ---- promotion -----------------------------------------------------------------------
     def _depth(self, node: "TreeNode", memo: dict) -> int:
@@ -184,8 +192,12 @@ class RelayGroupManager:
         # A child with the same count has the same members and a longer shared segment.
         return not any(self._count.get(ch, 0) == count for ch in node.children.values())
 
-    def refresh(self) -> list[RelayGroup]:
-        """Recompute promotions from the live counts; pin new heads, unpin dropped ones."""
+    def refresh(self) -> None:
+        """Recompute promotions from the live counts; pin new heads, unpin dropped ones.
+        A no-op when no count changed since the last refresh (the common decode step)."""
+        if not self._dirty:
+            return
+        self._dirty = False
         memo: dict = {}
         candidates = [n for n, c in self._count.items() if self._is_head_candidate(n, c)]
         candidates.sort(key=lambda n: (self._depth(n, memo), n.id))  # ancestors first
@@ -206,7 +218,6 @@ class RelayGroupManager:
                 continue
             chosen[node] = RelayGroup(head=node, level=level, start=start, end=end, members=count)
         self._apply(chosen)
-        return self.groups
 
     def _apply(self, chosen: dict["TreeNode", RelayGroup]) -> None:
         changed = chosen.keys() != self._groups.keys()
@@ -235,4 +246,5 @@ class RelayGroupManager:
         self._count.clear()
         self._live.clear()
         self._groups.clear()
+        self._dirty = False
         self._version += 1

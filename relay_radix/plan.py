@@ -112,9 +112,7 @@ def build_decode_plan(
     suffix_start = [0] * len(reqs)
     for r, req in enumerate(reqs):
         node = req.last_node
-        chain = chains.get(node)
-        if chain is None:
-            chain = chains[node] = manager.group_chain(node)
+        chain = manager.group_chain(node, chains)
         for g in chain:
             rows_of.setdefault(id(g), []).append(r)
             group_of[id(g)] = g

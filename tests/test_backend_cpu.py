@@ -17,7 +17,7 @@ import torch
 
 from relay_radix.config import RelayConfig
 from relay_radix.patches.scheduler_hooks import before_run_batch
-from tests.sglang_cpu import MiniScheduler, cpu_model_runner, forward_batch
+from relay_radix.cpu_sim import MiniScheduler, cpu_model_runner, forward_batch
 
 
 def words(seed, n):

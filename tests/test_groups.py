@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from relay_radix.config import RelayConfig
 from relay_radix.plan import build_decode_plan
 from tests.plan_checks import check_no_leak, check_plan
-from tests.sglang_cpu import MiniScheduler
+from relay_radix.cpu_sim import MiniScheduler
 
 
 def words(seed: int, n: int) -> list[int]:

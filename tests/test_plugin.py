@@ -33,7 +33,7 @@ def test_entry_point_registers_relay(plugins_loaded):
 def test_command_line_accepts_relay_and_sets_its_tree(plugins_loaded):
     from sglang.srt.server_args import prepare_server_args
 
-    from tests.sglang_cpu import tiny_model_dir
+    from relay_radix.cpu_sim import tiny_model_dir
 
     args = prepare_server_args(["--model-path", tiny_model_dir(), "--device", "cpu",
                                 "--attention-backend", "relay", "--skip-tokenizer-init"])

@@ -1,4 +1,4 @@
-"""Drive SGLang's real scheduling objects on the CPU, the way its scheduler does.
+"""Drive SGLang's real scheduling objects on the CPU, the way its scheduler does (tests and demo).
 
 No server runs on a CPU machine (no CPU build of sglang-kernel on PyPI), so tests go to the
 deepest level that does: real ``Req``/``ScheduleBatch`` objects, real ``ReqToTokenPool``,

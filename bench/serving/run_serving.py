@@ -1,0 +1,636 @@
+"""Serving benchmark on the GPU machine: relay vs vanilla SGLang on the same workloads, one call.
+
+    bash bench/serving/run_serving.sh --model llama2-7b-mha --workloads core [--dry-run]
+
+Steps: unpack the offline site (``.device/site312.tar.xz`` -> /tmp/site) and install this
+project into it (so the ``sglang.srt.plugins`` entry point exists); materialize the built-in
+model; then for each system (relay first, then vanilla): start the server, wait for
+``/health`` (deadline, death detected), warm it with a few requests (FlashInfer JIT, relay
+groups), run ``python -m sglang.benchmark.serving`` (or the frontend program) for each
+workload under ``timeout``, stop the server. Vanilla runs only the workloads that relay ran,
+so every number has its twin. Everything lands in ``$OUT`` (default ./out):
+``results.json`` (all configs, commands, parsed results), ``summary.md``, ``logs.tar.gz``.
+
+Time: the call must end inside the device's 10-minute limit, so the driver keeps a deadline
+(``--budget-s`` from the wrapper's start) and skips a relay workload unless its vanilla twin
+still fits after it; skipped workloads are recorded, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.append(str(HERE))  # summarize, nested_dataset
+sys.path.append(str(REPO))  # relay_radix when not installed (CPU dry runs)
+
+SITE = Path("/tmp/site")
+WORK = Path("/tmp/relay_bench")  # cwd of every subprocess: keeps the repo root off sys.path
+MODEL_CACHE = Path("/tmp/relay_models")
+FLASHINFER_WS = Path("/tmp/fiws")
+
+QUESTION_LEN = 128
+OUTPUT_LEN = 256
+COMMON_SERVER_ARGS = [
+    "--sampling-backend", "pytorch", "--grammar-backend", "none",
+    "--disable-piecewise-cuda-graph", "--mem-fraction-static", "0.85", "--log-level", "info",
+]
+# p99 TPOT SLO (ms) of the request-rate search, per model: about 3x the no-sharing TPOT at
+# 128 requests (12.7 ms MHA, 9.3 ms GQA on H100) rounded, i.e. "interactive" decode speed.
+DEFAULT_SLO_MS = {"llama2-7b-mha": 40.0, "llama3-8b-gqa": 25.0}
+# The second server of a call starts with FlashInfer's JIT cache warm (~60 s measured, 163 s
+# fresh); with its warm-up and the first server's stop, reserve this much for it.
+SECOND_SERVER_EST_S = 110
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str  # gsp | rnd | nested | frontend | rate
+    desc: str
+    est_s: int  # wall time of one vanilla run on an H100 (MHA), client start included, +30%
+    sys_len: int = 0
+    groups: int = 1
+    per_group: int = 128
+    conc: int | None = 128
+    input_len: int = 0  # rnd only
+    fewshot_len: int = 0  # nested only
+    control: str | None = None  # workload with the same shape and nothing shared
+
+    @property
+    def num_requests(self) -> int:
+        return self.groups * self.per_group
+
+    def expected_input_tokens(self) -> int:
+        if self.kind == "rnd":
+            return self.num_requests * self.input_len
+        return self.num_requests * (self.sys_len + self.fewshot_len + QUESTION_LEN)
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("ctrl_c128", "gsp", "control: 0-token system prompt, 128 req, c128", 15, 0),
+    Workload("gsp8k_c128", "gsp", "8K shared system prompt, 128 req, c128", 32, 8192, control="ctrl_c128"),
+    Workload("gsp16k_c128", "gsp", "16K shared system prompt, 128 req, c128", 48, 16384, control="ctrl_c128"),
+    Workload("ctrl_c64", "gsp", "control: 0-token system prompt, 128 req, c64", 15, 0, conc=64),
+    Workload("gsp2k_c64", "gsp", "2K shared system prompt, 128 req, c64", 18, 2048, conc=64, control="ctrl_c64"),
+    Workload("gsp8k_4x32", "gsp", "4 different 8K system prompts x 32 req, c128", 32, 8192, groups=4,
+             per_group=32, control="ctrl_c128"),
+    Workload("nested_c128", "nested", "4K global prompt + 4 groups x (2K few-shot + 32 req), c128", 28,
+             4096, groups=4, per_group=32, fewshot_len=2048, control="ctrl_c128"),
+    Workload("nosh_c128", "rnd", "no sharing: random ids, 256 in / 256 out, 128 req, c128", 15,
+             input_len=256),
+    Workload("frontend8k", "frontend", "SGLang frontend program: 8K sgl.system + 128 questions (run_batch, 128 threads)",
+             40, 8192),
+    Workload("exact", "exact", "exactness: 64 concurrent greedy requests, 4K prompt + 2 few-shot blocks, "
+             "32 tokens with top-5 logprobs", 25, 4096, fewshot_len=512, per_group=64, conc=64),
+    Workload("rate8k", "rate", "8K shared prompt, Poisson arrivals: highest rate with p99 TPOT <= SLO", 80, 8192,
+             conc=None, control="ctrl_c128"),
+]}
+# Each preset fits one device call (~9 min) with both systems on a fresh machine (~4 min of it
+# is fixed: site, two server starts, FlashInfer JIT). Most important first: a workload that no
+# longer fits is skipped (and recorded), so the tail of a list is what a slow call loses.
+PRESETS = {
+    "core": ["exact", "gsp8k_c128", "gsp16k_c128", "ctrl_c128"],
+    "more": ["gsp2k_c64", "ctrl_c64", "gsp8k_4x32", "nested_c128"],
+    "extra": ["frontend8k", "nosh_c128"],
+    "rate": ["rate8k"],
+}
+PRESETS["all"] = [n for p in ("core", "more", "extra", "rate") for n in PRESETS[p]]
+DEFAULT_RATES = (4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+def select_workloads(spec: str) -> list[Workload]:
+    """``core,nested_c128`` -> workloads (presets expanded, order kept, duplicates dropped)."""
+    names: list[str] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        for name in PRESETS.get(part, [part]):
+            if name not in WORKLOADS:
+                raise SystemExit(f"unknown workload {name!r}; presets: {', '.join(PRESETS)}; "
+                                 f"workloads: {', '.join(WORKLOADS)}")
+            if name not in names:
+                names.append(name)
+    return [WORKLOADS[n] for n in names]
+
+
+def rate_num_requests(rate: float) -> int:
+    """Requests of one rate point: ~8 s of arrivals, longer than a request's life at the SLO
+    (256 tokens x 20-40 ms), so the running batch reaches its steady size."""
+    return int(min(256, max(32, round(rate * 8))))
+
+
+def next_rate(rates: list[float], results: dict[float, bool]) -> float | None:
+    """Next rate to try when searching the highest passing rate (pass is monotone in rate).
+
+    Start in the middle; go up while passing, down while failing; None when decided.
+    """
+    rates = sorted(rates)
+    if not results:
+        return rates[len(rates) // 2]
+    passed = [r for r in rates if results.get(r) is True]
+    failed = [r for r in rates if results.get(r) is False]
+    lo = max(passed) if passed else None
+    hi = min(failed) if failed else None
+    candidates = [r for r in rates if r not in results and (lo is None or r > lo) and (hi is None or r < hi)]
+    if not candidates:
+        return None
+    return candidates[0] if lo is not None else candidates[-1]
+
+
+def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: str,
+              dataset_path: Path | None = None, rate: float | None = None) -> list[str]:
+    """The ``sglang.benchmark.serving`` (or frontend program) command of one run."""
+    if w.kind == "exact":
+        cfg = Path(model_dir) / "config.json"  # absent only in --dry-run
+        vocab = json.loads(cfg.read_text())["vocab_size"] if cfg.exists() else 32000
+        return [sys.executable, str(HERE / "exactness.py"), "collect", "--port", str(port),
+                "--n", str(w.num_requests), "--system-len", str(w.sys_len), "--fewshot-len", str(w.fewshot_len),
+                "--question-len", "64", "--vocab", str(vocab), "--max-new", "32", "--out", str(out_file)]
+    if w.kind == "frontend":
+        return [sys.executable, str(HERE / "frontend_program.py"), "--port", str(port),
+                "--system-len", str(w.sys_len), "--question-len", str(QUESTION_LEN),
+                "--num-questions", str(w.num_requests), "--output-len", str(OUTPUT_LEN),
+                "--threads", str(w.conc), "--output-file", str(out_file), "--tag", tag]
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+           "--host", "127.0.0.1", "--port", str(port), "--tokenizer", model_dir,
+           "--output-file", str(out_file), "--tag", tag, "--disable-tqdm", "--seed", "42",
+           "--ready-check-timeout-sec", "30"]
+    if w.kind in ("gsp", "rate"):
+        per_group = rate_num_requests(rate) if w.kind == "rate" else w.per_group
+        cmd += ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(w.groups),
+                "--gsp-prompts-per-group", str(per_group), "--gsp-system-prompt-len", str(w.sys_len),
+                "--gsp-question-len", str(QUESTION_LEN), "--gsp-output-len", str(OUTPUT_LEN),
+                "--gsp-range-ratio", "1.0", "--num-prompts", str(w.groups * per_group)]
+    elif w.kind == "rnd":
+        cmd += ["--dataset-name", "random-ids", "--random-input-len", str(w.input_len),
+                "--random-output-len", str(OUTPUT_LEN), "--random-range-ratio", "1.0",
+                "--num-prompts", str(w.num_requests)]
+    elif w.kind == "nested":
+        cmd += ["--dataset-name", "custom", "--dataset-path", str(dataset_path),
+                "--num-prompts", str(w.num_requests), "--sharegpt-output-len", str(OUTPUT_LEN)]
+    else:
+        raise ValueError(w.kind)
+    if w.kind == "rate":
+        cmd += ["--request-rate", str(rate)]
+    elif w.conc:
+        cmd += ["--max-concurrency", str(w.conc)]
+    return cmd
+
+
+def server_cmd(system: str, model: str, model_dir: str, port: int, relay_flags: list[str],
+               extra: list[str]) -> list[str]:
+    common = COMMON_SERVER_ARGS + ["--host", "127.0.0.1", "--port", str(port)] + extra
+    if system == "relay":  # through our launcher: resolves the model name, adds relay flags
+        return [sys.executable, "-m", "relay_radix.launch_server", "--model-path",
+                f"relay-radix/{model}", "--attention-backend", "relay",
+                "--radix-cache-backend", "relay"] + relay_flags + common
+    return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir,
+            "--load-format", "dummy", "--attention-backend", "flashinfer"] + common
+
+
+def check_input_tokens(expected: int, got: int | None) -> tuple[bool, float | None]:
+    """(ok, relative error): more than 2% off means prompts are not the lengths asked for."""
+    if not got or not expected:
+        return False, None
+    err = (got - expected) / expected
+    return abs(err) <= 0.02, err
+
+
+def _slim(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "server_info" and not isinstance(v, list)}
+
+
+class Driver:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.t0 = a.t0 or time.time()
+        self.deadline = self.t0 + a.budget_s
+        self.out = Path(a.out)
+        self.model = a.model
+        self.workloads = select_workloads(a.workloads)
+        self.systems = [s for s in ("relay", "vanilla") if s in a.systems.split(",")]
+        self.env = dict(os.environ)
+        self.model_dir = str(MODEL_CACHE / self.model)
+        self.server = None
+        self.current = ""  # system whose server is (or was last) running
+        self.results: dict = {
+            "model": self.model, "workloads_requested": a.workloads,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "driver_argv": sys.argv, "budget_s": a.budget_s,
+            "slo_p99_tpot_ms": a.slo_ms, "rates": a.rates, "question_len": QUESTION_LEN,
+            "output_len": OUTPUT_LEN, "workloads": {w.name: dataclasses.asdict(w) for w in self.workloads},
+            "server_cmds": {}, "server_env": {}, "server_start_s": {}, "warmup_s": {},
+            "server_info": {}, "server_log_errors": {}, "runs": [], "rate_search": {},
+            "skipped": [], "errors": [],
+        }
+
+    # ---------------------------------------------------------------- helpers
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:6.0f}s] {msg}", flush=True)
+
+    def sh(self, cmd: list[str], *, timeout: float, log: Path | None = None, check=True) -> int:
+        self.log("$ " + shlex.join(cmd))
+        if self.a.dry_run:
+            return 0
+        WORK.mkdir(parents=True, exist_ok=True)
+        out = open(log, "w") if log else subprocess.DEVNULL
+        try:
+            rc = subprocess.run(cmd, cwd=WORK, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=max(1, timeout), start_new_session=True).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124  # subprocess.run has killed it
+        finally:
+            if log:
+                out.close()
+        if check and rc != 0:
+            raise RuntimeError(f"command failed (rc={rc}): {shlex.join(cmd)}")
+        return rc
+
+    def save(self) -> None:
+        """Write results.json and summary.md now (also after every run: a kill keeps them)."""
+        if self.a.dry_run:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        tmp.replace(self.out / "results.json")
+        try:
+            import summarize
+
+            (self.out / "summary.md").write_text(summarize.markdown([self.results]))
+        except Exception as e:  # the summary must never cost the raw results
+            self.log(f"summary failed: {e!r}")
+
+    def pack_logs(self) -> None:
+        if self.a.dry_run or not WORK.exists():
+            return
+        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as tar:
+            for p in sorted(WORK.glob("*")):
+                if p.is_file() and p.suffix in (".log", ".jsonl", ".txt"):
+                    tar.add(p, arcname=p.name)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        a = self.a
+        self.env.update(PYTHONPATH=str(SITE), PYTHONUNBUFFERED="1", FLASHINFER_WORKSPACE_BASE=str(FLASHINFER_WS),
+                        RELAY_RADIX_MODEL_CACHE=str(MODEL_CACHE),
+                        PATH="/usr/local/cuda/bin:" + os.environ.get("PATH", ""))
+        if not a.dry_run:
+            self.out.mkdir(parents=True, exist_ok=True)
+            WORK.mkdir(parents=True, exist_ok=True)
+            for p in WORK.glob("*"):
+                if p.is_file():
+                    p.unlink()
+            # sglang.benchmark.serving caches generated-shared-prefix prompts under a key that
+            # omits the tokenizer's vocabulary: drop prompts of another model from a warm machine.
+            for p in (Path.home() / ".cache/sglang/benchmark").glob("gen_shared_prefix_*"):
+                p.unlink()
+            try:
+                smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                      "--format=csv,noheader"], capture_output=True, text=True).stdout
+            except OSError:
+                smi = ""
+            self.results["gpu"] = smi.strip()
+            self.results["device"] = smi.split(",")[0].strip() or "unknown"
+        site_tar = REPO / ".device" / "site312.tar.xz"
+        stamp = SITE / ".relay_site_stamp"
+        want = f"{site_tar.stat().st_size}:{int(site_tar.stat().st_mtime)}" if site_tar.exists() else "?"
+        if a.dry_run or not (stamp.exists() and stamp.read_text() == want):
+            self.sh(["rm", "-rf", str(SITE)], timeout=60)
+            self.sh(["mkdir", "-p", str(SITE)], timeout=10)
+            self.sh(["tar", "-C", str(SITE), "-xJf", str(site_tar)], timeout=180)
+            if not a.dry_run:
+                stamp.write_text(want)
+        self.sh([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                 "--no-build-isolation", "--upgrade", "--target", str(SITE), str(REPO)], timeout=180,
+                log=WORK / "pip-install.log")
+        if str(SITE) not in sys.path:
+            sys.path.insert(0, str(SITE))
+        self.sh([sys.executable, "-c", "import sys; from relay_radix.models import materialize; "
+                 f"print(materialize({self.model!r}, {str(MODEL_CACHE)!r}))"], timeout=120,
+                log=WORK / "materialize.log")
+        if not a.dry_run:
+            probe = ("import json, importlib.metadata as m\nv = {}\n"
+                     "for p in ('sglang', 'torch', 'flashinfer-python', 'triton', 'transformers', 'relay-radix'):\n"
+                     "    try: v[p] = m.version(p)\n    except Exception: v[p] = None\nprint(json.dumps(v))")
+            r = subprocess.run([sys.executable, "-c", probe], env=self.env, cwd=WORK, capture_output=True, text=True)
+            self.results["versions"] = json.loads(r.stdout or "{}") | {"python": sys.version.split()[0]}
+            from relay_radix.models import load_config
+
+            self.results["model_config"] = load_config(self.model)
+        if any(w.kind == "nested" for w in self.workloads):
+            w = WORKLOADS["nested_c128"]
+            self.sh([sys.executable, str(HERE / "nested_dataset.py"), "--model", self.model,
+                     "--out", str(WORK / "nested.data"), "--global-len", str(w.sys_len),
+                     "--num-groups", str(w.groups), "--fewshot-len", str(w.fewshot_len),
+                     "--per-group", str(w.per_group), "--question-len", str(QUESTION_LEN)], timeout=120,
+                    log=WORK / "nested-dataset.log")
+
+    # ----------------------------------------------------------------- server
+    def start_server(self, system: str) -> bool:
+        a = self.a
+        relay_flags = []
+        for flag in ("relay_kernel", "relay_min_group_size", "relay_min_prefix_tokens"):
+            if getattr(a, flag) is not None:
+                relay_flags += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
+        cmd = server_cmd(system, self.model, self.model_dir, a.port, relay_flags, shlex.split(a.server_args))
+        env = dict(self.env)
+        if system == "vanilla" and not a.vanilla_plugins:
+            env["SGLANG_PLUGINS"] = "none"  # whitelist naming no plugin: SGLang exactly as shipped
+        self.results["server_cmds"][system] = shlex.join(cmd)
+        self.results["server_env"][system] = {k: v for k, v in env.items()
+                                              if k.startswith(("RELAY_RADIX_", "SGLANG_", "FLASHINFER_"))}
+        self.log(f"start {system}: {shlex.join(cmd)}")
+        if a.dry_run:
+            return True
+        t = time.time()
+        log = open(WORK / f"server-{system}.log", "w")
+        self.server = subprocess.Popen(cmd, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        log.close()
+        limit = min(a.server_timeout_s, self.left() - 30)
+        while time.time() - t < limit:
+            if self.server.poll() is not None:
+                self.fail(f"{system} server died during start (rc={self.server.returncode})", system)
+                return False
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{a.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                pass
+            time.sleep(2)
+        else:
+            self.fail(f"{system} server not healthy after {limit:.0f}s", system)
+            return False
+        self.results["server_start_s"][system] = round(time.time() - t, 1)
+        self.log(f"{system} server up after {time.time() - t:.0f}s")
+        return self.warm_up(system)
+
+    def warm_up(self, system: str) -> bool:
+        """A few requests before timing: FlashInfer JIT, relay groups (>= 4 requests, >= 256 shared)."""
+        from relay_radix.models import ENGLISH
+
+        words = [w for w in ENGLISH if w.isalpha()]
+        shared = " ".join(words[i % len(words)] for i in range(1024))
+        batches = [
+            ([" ".join(words[(i * 7 + j) % len(words)] for j in range(64)) for i in range(8)], 16),
+            ([shared], 1),  # puts the prefix in the radix tree, so the next 8 share it while decoding
+            ([f"{shared} " + " ".join(words[(i * 13 + j) % len(words)] for j in range(32)) for i in range(8)], 32),
+        ]
+        t = time.time()
+        for texts, n in batches:
+            body = json.dumps({"text": texts, "sampling_params": {
+                "max_new_tokens": n, "temperature": 0, "ignore_eos": True}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.a.port}/generate", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=max(10, min(300, self.left() - 60))) as r:
+                    json.load(r)
+            except Exception as e:
+                self.fail(f"{system} warm-up request failed: {e!r}", system)
+                return False
+        self.results["warmup_s"][system] = round(time.time() - t, 1)
+        self.log(f"{system} warm-up done in {time.time() - t:.0f}s")
+        return True
+
+    def server_alive(self) -> bool:
+        return self.a.dry_run or (self.server is not None and self.server.poll() is None)
+
+    def stop_server(self, system: str) -> None:
+        if self.server is None:
+            return
+        pgid = self.server.pid  # start_new_session: the server leads its own process group
+
+        def group_gone(seconds: float) -> bool:
+            end = time.time() + seconds
+            while time.time() < end:
+                self.server.poll()  # reap the leader, or it stays a zombie member of the group
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    return True
+                time.sleep(0.5)
+            return False
+
+        for sig, seconds in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            if group_gone(seconds):
+                break
+        self.server = None
+        log = WORK / f"server-{system}.log"
+        if log.exists():
+            lines = [l for l in log.read_text(errors="replace").splitlines()
+                     if "Traceback" in l or "Error" in l or "error:" in l]
+            self.results["server_log_errors"][system] = lines[:20]
+        time.sleep(3)  # let the driver release the GPU memory before the next server
+
+    def fail(self, msg: str, system: str | None = None) -> None:
+        self.log("!!! " + msg)
+        self.results["errors"].append(msg)
+        if system and (WORK / f"server-{system}.log").exists():
+            tail = (WORK / f"server-{system}.log").read_text(errors="replace").splitlines()[-40:]
+            print("\n".join(tail), flush=True)
+
+    # -------------------------------------------------------------- benchmarks
+    def run_one(self, system: str, w: Workload, rate: float | None = None, timeout: float | None = None) -> dict:
+        label = w.name if rate is None else f"{w.name}@{rate:g}"
+        tag = f"{self.model}/{system}/{label}"
+        out_file = WORK / f"{system}-{label}.jsonl"
+        log = WORK / f"{system}-{label}.log"
+        cmd = bench_cmd(w, port=self.a.port, model_dir=self.model_dir, out_file=out_file, tag=tag,
+                        dataset_path=WORK / "nested.data", rate=rate)
+        timeout = min(timeout or 3 * w.est_s + 30, self.left() - 15)
+        run = {"system": system, "workload": w.name, "rate": rate, "cmd": shlex.join(cmd),
+               "timeout_s": round(timeout), "tag": tag}
+        t = time.time()
+        run["rc"] = rc = self.sh(cmd, timeout=timeout, log=log, check=False)
+        run["wall_s"] = round(time.time() - t, 1)
+        if self.a.dry_run:
+            return run
+        if w.kind == "exact":
+            if rc != 0 or not out_file.exists():
+                self.fail(f"{tag}: exactness collection failed, rc={rc}")
+            else:
+                self.results.setdefault("exact_raw", {})[system] = json.loads(out_file.read_text())
+                raw = self.results["exact_raw"]
+                if {"relay", "vanilla"} <= raw.keys():
+                    from exactness import compare
+
+                    self.results["exactness"] = compare(raw["vanilla"], raw["relay"])
+                    self.log(f"exactness relay vs vanilla: {self.results['exactness']}")
+            self.results["runs"].append(run)
+            self.save()
+            return run
+        records = [json.loads(l) for l in out_file.read_text().splitlines() if l.strip()] if out_file.exists() else []
+        if rc != 0 or not records:
+            self.fail(f"{tag}: rc={rc}, {len(records)} result records (log tail below)")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+        if records:
+            rec = records[-1]
+            if rec.get("server_info") and system not in self.results["server_info"]:
+                self.results["server_info"][system] = rec["server_info"]
+            run["result"] = _slim(rec)
+            n = rate_num_requests(rate) * w.groups if rate is not None else w.num_requests
+            expected = rec.get("expected_input_tokens") or (
+                w.expected_input_tokens() * n // w.num_requests)
+            ok, err = check_input_tokens(expected, rec.get("total_input_tokens"))
+            run.update(expected_input_tokens=expected, input_tokens_ok=ok, input_tokens_rel_err=err)
+            if not ok:
+                self.fail(f"{tag}: INPUT LENGTH MISMATCH: total input tokens {rec.get('total_input_tokens')} "
+                          f"vs {expected} requested ({err if err is None else f'{err:+.1%}'})")
+            if rec.get("completed") != n:
+                self.fail(f"{tag}: {rec.get('completed')} of {n} requests completed")
+            self.log(f"{tag}: {rec.get('output_throughput', 0):.0f} tok/s, median TTFT "
+                     f"{rec.get('median_ttft_ms') or 0:.0f} ms, median TPOT {rec.get('median_tpot_ms') or 0:.1f} ms, "
+                     f"p99 TPOT {rec.get('p99_tpot_ms') or 0:.1f} ms, wall {run['wall_s']:.0f}s")
+        self.results["runs"].append(run)
+        self.save()
+        return run
+
+    def run_rate_search(self, system: str, w: Workload) -> None:
+        slo = self.a.slo_ms
+        rates = sorted(self.a.rates)
+        passed: dict[float, bool] = {}
+        search = {"slo_p99_tpot_ms": slo, "tried": [], "sustainable_rate": None}
+        self.results["rate_search"][system] = search
+        stop_at = time.time() + 1.3 * w.est_s  # the budget planned for this workload
+        while (rate := next_rate(rates, passed)) is not None:
+            est = rate_num_requests(rate) / rate + 15
+            if self.left() < est + 15 or (not self.a.dry_run and time.time() + est > stop_at):
+                self.results["skipped"].append(f"{system}/{w.name}@{rate:g}: budget")
+                break
+            run = self.run_one(system, w, rate=rate, timeout=3 * est)
+            if self.a.dry_run:  # pretend: pass at and below the middle rate
+                passed[rate] = rate <= rates[len(rates) // 2]
+                continue
+            p99 = run.get("result", {}).get("p99_tpot_ms")
+            n = rate_num_requests(rate) * w.groups
+            ok = p99 is not None and p99 <= slo and run.get("result", {}).get("completed") == n
+            passed[rate] = ok
+            search["tried"].append({"rate": rate, "p99_tpot_ms": p99, "pass": ok})
+            if not self.server_alive():
+                break
+        good = [r for r, ok in passed.items() if ok]
+        search["sustainable_rate"] = max(good) if good else None
+        search["bounded_above"] = bool(good) and max(good) < max(rates)
+        self.log(f"{system} sustainable rate (p99 TPOT <= {slo} ms): {search['sustainable_rate']} req/s")
+        self.save()
+
+    def vanilla_cost(self, names: list[str]) -> float:
+        return (SECOND_SERVER_EST_S + sum(WORKLOADS[n].est_s for n in names)) if "vanilla" in self.systems else 0
+
+    def run_system(self, system: str, todo: list[Workload]) -> list[str]:
+        """Start ``system``, run ``todo`` within the budget, stop. Returns the workloads that ran."""
+        done: list[str] = []
+        self.current = system
+        if not self.start_server(system):
+            self.stop_server(system)
+            return done
+        try:
+            for w in todo:
+                reserve = self.vanilla_cost(done + [w.name]) if system == "relay" else 0
+                if not self.a.dry_run and self.left() < w.est_s + reserve + 20:
+                    msg = f"{system}/{w.name}: skipped, {self.left():.0f}s left < {w.est_s + reserve + 20}s needed"
+                    self.results["skipped"].append(msg)
+                    self.log(msg)
+                    continue
+                if not self.server_alive():
+                    self.fail(f"{system} server died; skipping {w.name}", system)
+                    self.results["skipped"].append(f"{system}/{w.name}: server dead")
+                    continue
+                if w.kind == "rate":
+                    self.run_rate_search(system, w)
+                else:
+                    self.run_one(system, w)
+                done.append(w.name)
+        finally:
+            self.stop_server(system)
+            self.pack_logs()
+        return done
+
+    def main(self) -> int:
+        self.log(f"model {self.model}; workloads {[w.name for w in self.workloads]}; systems {self.systems}; "
+                 f"budget {self.a.budget_s}s")
+        try:
+            self.setup()
+            todo = self.workloads
+            for system in self.systems:
+                ran = self.run_system(system, todo)
+                if system == "relay" and "vanilla" in self.systems:
+                    if not ran and not self.a.dry_run and not self.a.keep_going:
+                        self.fail("relay ran nothing: vanilla skipped (--keep-going runs it anyway)")
+                        break
+                    if not self.a.dry_run:
+                        todo = [w for w in todo if w.name in ran] or (todo if self.a.keep_going else [])
+        except BaseException as e:  # KeyboardInterrupt / SIGTERM too: keep what was measured
+            self.fail(f"driver stopped: {e!r}")
+            if self.server is not None:
+                self.stop_server(self.current)
+        finally:
+            self.results["total_s"] = round(time.time() - self.t0, 1)
+            self.save()
+            self.pack_logs()
+        if not self.a.dry_run:
+            print((self.out / "summary.md").read_text() if (self.out / "summary.md").exists() else "")
+        self.log(f"done; errors: {len(self.results['errors'])}; results in {self.out}")
+        return 1 if self.results["errors"] else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="presets: " + "; ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items()))
+    ap.add_argument("--model", default="llama2-7b-mha", choices=sorted(DEFAULT_SLO_MS))
+    ap.add_argument("--workloads", default="core", help="comma list of presets and workload names")
+    ap.add_argument("--systems", default="relay,vanilla")
+    ap.add_argument("--out", default=os.environ.get("OUT", "./out"))
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--budget-s", type=float, default=555,
+                    help="deadline for all benchmarks, from --t0 (the device kills a command at 600 s)")
+    ap.add_argument("--t0", type=float, default=None, help="start time (epoch s) of the call; default now")
+    ap.add_argument("--server-timeout-s", type=float, default=300)
+    ap.add_argument("--server-args", default="", help="extra SGLang server arguments for both systems")
+    ap.add_argument("--relay-kernel", choices=["triton", "flashinfer"])
+    ap.add_argument("--relay-min-group-size", type=int)
+    ap.add_argument("--relay-min-prefix-tokens", type=int)
+    ap.add_argument("--slo-ms", type=float, default=None, help="p99 TPOT SLO of rate8k (default per model)")
+    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=list(DEFAULT_RATES))
+    ap.add_argument("--vanilla-plugins", action="store_true", help="let vanilla load SGLang plugins too")
+    ap.add_argument("--keep-going", action="store_true", help="run vanilla even if relay ran nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = ap.parse_args(argv)
+    if a.slo_ms is None:
+        a.slo_ms = DEFAULT_SLO_MS[a.model]
+    return a
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")  # unwinds through Driver.main: server stopped, results kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return Driver(a).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Exact log-sum-exp merge of relay partial states (Triton).
+
+Attention state of a part: ``(o [head_dim], lse)`` with ``lse`` the natural-log
+log-sum-exp of its scores. Merge of parts ``i``: ``lse = log(sum_i exp(lse_i))``,
+``o = sum_i exp(lse_i - lse) * o_i``. The empty state is ``(0, -inf)``: it has weight 0,
+and a row whose parts are all empty (or which has none) gets ``(0, -inf)``, never NaN
+(unlike FlashInfer's merge_state, flashinfer #4051).
+
+Two kernels:
+  * :func:`launch_merge_parts`: the Triton relay path; row ``r`` merges the contiguous part
+    slots ``[row_part_indptr[r], row_part_indptr[r+1])`` of one fp32 partial buffer.
+  * :func:`launch_merge_fi_states`: the FlashInfer relay path; row ``r`` merges its suffix
+    state (FlashInfer decode output, base-2 LSE) with the prefix states of its memberships
+    (FlashInfer prefill output over gathered member queries, base-2 LSE). Base 2 is
+    converted to natural log at load: this is the one boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["launch_merge_parts", "launch_merge_fi_states"]
+
+
+@triton.jit
+def _merge_step(m, l, acc, lse, o):
+    """Fold state (o [BLOCK_H, BLOCK_D], lse [BLOCK_H]) into (m, l, acc); -inf stays weight 0."""
+    m_new = tl.maximum(m, lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)  # exp(-inf) = 0 while nothing was merged
+    w = tl.exp(lse - m_safe)  # 0 for an empty part
+    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
+
+
+@triton.jit
+def _merge_parts_kernel(
+    # Pointers
+    Part_O,  # [max_parts, num_q_heads, head_dim] fp32
+    Part_Lse,  # [max_parts, num_q_heads] fp32, natural log
+    Row_Part_Indptr,  # [max_bs+1] int32
+    Num_Rows,  # [1] int32 live batch size
+    O,  # [bs, num_q_heads, head_dim] output dtype
+    Lse_Out,  # [max_bs, num_q_heads] fp32, natural log
+    # Strides
+    stride_po_p,
+    stride_po_h,
+    stride_pl_p,
+    stride_o_bs,
+    stride_o_h,
+    stride_lse_bs,
+    # Meta
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)
+    if row >= tl.load(Num_Rows):
+        return  # programs beyond the live batch (fixed CUDA-graph grid)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < NUM_Q_HEADS
+    mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # int64 loop bounds: p * stride_po_p (max_parts * num_q_heads * head_dim) can exceed 2**31.
+    start = tl.load(Row_Part_Indptr + row).to(tl.int64)
+    end = tl.load(Row_Part_Indptr + row + 1).to(tl.int64)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for p in range(start, end):
+        lse = tl.load(Part_Lse + p * stride_pl_p + offs_h, mask=mask_h, other=float("-inf"))
+        o = tl.load(Part_O + p * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
+        m, l, acc = _merge_step(m, l, acc, lse, o)
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    r64 = row.to(tl.int64)
+    tl.store(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
+    tl.store(Lse_Out + r64 * stride_lse_bs + offs_h, lse_out, mask=mask_h)
+
+
+def _block_h(num_q_heads: int, head_dim: int) -> int:
+    # ~4K fp32 accumulator elements per program.
+    return max(1, min(triton.next_power_of_2(num_q_heads), 4096 // triton.next_power_of_2(head_dim)))
+
+
+def launch_merge_parts(
+    *,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    row_part_indptr: torch.Tensor,
+    num_rows: torch.Tensor,
+    o: torch.Tensor,
+    lse_out: torch.Tensor,
+    grid_rows: int,
+) -> None:
+    """Merge each row's part slots into ``o`` ``[bs, num_q_heads, head_dim]`` (written in full for
+    ``row < num_rows[0]``) and ``lse_out`` ``[>=bs, num_q_heads]`` fp32 natural log.
+
+    part_o ``[max_parts, num_q_heads, head_dim]`` fp32; part_lse ``[max_parts, num_q_heads]``;
+    row_part_indptr ``[>=bs+1]`` int32; num_rows ``[1]`` int32 device; grid_rows: fixed grid rows
+    (>= live bs; the CUDA-graph capacity).
+    """
+    num_q_heads, head_dim = o.shape[1], o.shape[2]
+    assert o.stride(2) == 1 and part_o.stride(2) == 1
+    block_h = _block_h(num_q_heads, head_dim)
+    grid = (max(1, grid_rows), triton.cdiv(num_q_heads, block_h))
+    _merge_parts_kernel[grid](
+        part_o, part_lse, row_part_indptr, num_rows, o, lse_out,
+        part_o.stride(0), part_o.stride(1), part_lse.stride(0), o.stride(0), o.stride(1), lse_out.stride(0),
+        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _merge_fi_states_kernel(
+    # Pointers
+    Suffix_O,  # [bs, num_q_heads, head_dim] q.dtype, FlashInfer decode output
+    Suffix_Lse2,  # [bs, num_q_heads] fp32, base 2
+    Suffix_Kv_Indptr,  # [bs+1] int32: empty suffix (len 0) is the empty state, whatever FI wrote
+    Prefix_O,  # [max_members, num_q_heads, head_dim] q.dtype, FlashInfer prefill output
+    Prefix_Lse2,  # [max_members, num_q_heads] fp32, base 2
+    Row_Entry_Indptr,  # [bs+1] int32: row r's memberships with a non-empty segment
+    Row_Entry_Pos,  # [num_entries] int32 position in member_rows (= row of Prefix_O)
+    O,  # [bs, num_q_heads, head_dim] output
+    Lse_Out,  # [bs, num_q_heads] fp32, natural log
+    # Strides
+    stride_so_bs,
+    stride_so_h,
+    stride_sl_bs,
+    stride_po_p,
+    stride_po_h,
+    stride_pl_p,
+    stride_o_bs,
+    stride_o_h,
+    stride_lse_bs,
+    # Meta
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0)
+    r64 = row.to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < NUM_Q_HEADS
+    mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    suffix_len = tl.load(Suffix_Kv_Indptr + row + 1) - tl.load(Suffix_Kv_Indptr + row)
+    if suffix_len > 0:
+        lse = tl.load(Suffix_Lse2 + r64 * stride_sl_bs + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
+        o = tl.load(Suffix_O + r64 * stride_so_bs + offs_h[:, None] * stride_so_h + offs_d[None, :], mask=mask, other=0.0)
+        m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
+    start = tl.load(Row_Entry_Indptr + row)
+    end = tl.load(Row_Entry_Indptr + row + 1)
+    for e in range(start, end):
+        p64 = tl.load(Row_Entry_Pos + e).to(tl.int64)
+        lse = tl.load(Prefix_Lse2 + p64 * stride_pl_p + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
+        o = tl.load(Prefix_O + p64 * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
+        m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
+    has = l > 0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+    tl.store(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
+    tl.store(Lse_Out + r64 * stride_lse_bs + offs_h, lse_out, mask=mask_h)
+
+
+def launch_merge_fi_states(
+    *,
+    suffix_o: torch.Tensor,
+    suffix_lse2: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    prefix_o: torch.Tensor,
+    prefix_lse2: torch.Tensor,
+    row_entry_indptr: torch.Tensor,
+    row_entry_pos: torch.Tensor,
+    o: torch.Tensor,
+    lse_out: torch.Tensor,
+) -> None:
+    """Merge FlashInfer suffix and prefix states (base-2 LSEs) into ``o`` ``[bs, num_q_heads, head_dim]``
+    and ``lse_out`` ``[bs, num_q_heads]`` (natural log). Grid: ``o.shape[0]`` rows (fixed per graph)."""
+    bs, num_q_heads, head_dim = o.shape
+    block_h = _block_h(num_q_heads, head_dim)
+    grid = (max(1, bs), triton.cdiv(num_q_heads, block_h))
+    _merge_fi_states_kernel[grid](
+        suffix_o, suffix_lse2, suffix_kv_indptr, prefix_o, prefix_lse2, row_entry_indptr, row_entry_pos, o, lse_out,
+        suffix_o.stride(0), suffix_o.stride(1), suffix_lse2.stride(0), prefix_o.stride(0), prefix_o.stride(1),
+        prefix_lse2.stride(0), o.stride(0), o.stride(1), lse_out.stride(0),
+        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
+        num_warps=4,
+    )

@@ -1,0 +1,319 @@
+"""Relay decode attention in Triton: plan/run wrapper with static (CUDA-graph) buffers.
+
+Per decode step, :meth:`TritonRelayDecode.plan` builds the work lists on the CPU
+(:mod:`relay_radix.kernels.work_plan`) and copies them, with the slot lists, into buffers
+allocated once in ``__init__``. Per layer, :meth:`TritonRelayDecode.run` issues three
+fixed-grid launches that read only those buffers, q and the layer's KV pool:
+
+  1. prefix segment kernel: every group's member queries (members x GQA heads stacked in M)
+     against the group's shared KV, split in chunks -> fp32 partials;
+  2. suffix segment kernel: each row's GQA heads against its own KV, split in chunks;
+  3. merge kernel: per (row, head block), exact LSE merge of the row's part slots -> ``o``.
+
+So ``run`` can be captured in a CUDA graph once and replayed after any later ``plan`` that
+fits the capacities given to ``__init__``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_merge import launch_merge_parts
+from .triton_segment import launch_segment_attention
+from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan
+
+__all__ = ["TritonRelayDecode", "relay_decode_triton"]
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # CPU interpreter: few programs keep tests fast
+
+
+class TritonRelayDecode:
+    """Relay decode attention (shared prefix segments once per group + own suffix per row).
+
+    Static device buffers (allocated here, addresses fixed for the object's life, so a CUDA
+    graph captured around :meth:`run` stays valid after a new :meth:`plan`):
+      * ``_meta`` int32: live counts, ``row_part_indptr``, per-membership slot bases,
+        ``member_rows`` and both work lists (one H2D copy per plan),
+      * ``_prefix_kv_indices`` ``[max_prefix_tokens]``, ``_suffix_kv_indices`` ``[max_suffix_tokens]`` int32,
+      * ``part_o`` ``[max_parts, num_q_heads, head_dim]`` fp32, ``part_lse`` ``[max_parts, num_q_heads]`` fp32,
+      * ``lse`` ``[max_bs, num_q_heads]`` fp32 (natural-log LSE of the merged output).
+
+    Args:
+        num_q_heads, num_kv_heads, head_dim: attention shape (``num_q_heads % num_kv_heads == 0``).
+        dtype: q/KV dtype (bf16, fp16 or fp32).
+        device: where the buffers live.
+        max_bs, max_groups, max_members: most rows, groups and memberships of one step.
+        max_prefix_tokens, max_suffix_tokens: most slot ids in ``prefix_kv_indices`` /
+            ``suffix_kv_indices`` of one step.
+        max_parts: fp32 partial slots (default ``4 * max_bs + 8 * max_members``); plans use
+            larger chunks when they would need more.
+        prefix_block_m: stacked query rows per prefix program (16/32/64/128); default 64.
+        num_sms: programs are sized from it (default: the device's SM count).
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        max_bs: int,
+        max_groups: int,
+        max_members: int,
+        max_prefix_tokens: int,
+        max_suffix_tokens: int,
+        max_parts: int | None = None,
+        max_suffix_splits: int = 16,
+        prefix_block_m: int = 64,
+        block_n: int = 64,
+        min_chunk: int = 256,
+        num_sms: int | None = None,
+        programs_per_sm: int = 2,
+        num_warps_prefix: int = 4,
+        num_stages_prefix: int = 3,
+        num_warps_suffix: int = 4,
+        num_stages_suffix: int = 3,
+    ) -> None:
+        assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads (GQA)"
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.gqa = num_q_heads // num_kv_heads
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_bs, self.max_groups, self.max_members = max_bs, max_groups, max_members
+        self.max_suffix_splits = max_suffix_splits
+        self.block_n, self.min_chunk = block_n, min_chunk
+        assert prefix_block_m >= 16 and prefix_block_m & (prefix_block_m - 1) == 0, "prefix_block_m: power of 2 >= 16"
+        self.prefix_block_m = max(prefix_block_m, _next_pow2(self.gqa))
+        self.members_per_tile = self.prefix_block_m // self.gqa
+        self.suffix_block_m = max(16, _next_pow2(self.gqa))
+        self.num_sms = num_sms or _num_sms(self.device)
+        self.target_programs = self.num_sms * programs_per_sm
+        self.launch_cfg = dict(num_warps_prefix=num_warps_prefix, num_stages_prefix=num_stages_prefix,
+                               num_warps_suffix=num_warps_suffix, num_stages_suffix=num_stages_suffix)
+        self.max_parts = max_parts or (4 * max_bs + 8 * max_members)
+        max_tiles = max_groups + -(-max_members // self.members_per_tile)
+        max_prefix_chunks = max(1, -(-self.max_parts // max(1, max_members)))
+        self.max_prefix_work = max_tiles * max_prefix_chunks
+        self.max_suffix_work = max_bs * max_suffix_splits
+
+        # Persistent grids: programs_per_sm per SM in total (all co-resident: one wave, no
+        # straggler programs), split over the KV heads; never more than the capacity.
+        per_head = max(1, self.target_programs // num_kv_heads)
+        self.prefix_programs = min(self.max_prefix_work, max(per_head, 1))
+        self.suffix_programs = min(self.max_suffix_work, max(per_head, 1))
+
+        # One packed int32 table (one H2D copy per plan): views at fixed offsets.
+        sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
+                     member_rows=max(1, max_members), prefix_work=self.max_prefix_work * WORK_FIELDS,
+                     suffix_work=self.max_suffix_work * WORK_FIELDS)
+        self._offsets, off = {}, 0
+        for k, n in sizes.items():
+            self._offsets[k] = (off, n)
+            off += n
+        self._meta = torch.zeros(off, dtype=torch.int32, device=self.device)
+        # Host staging: pinned double buffer on CUDA. plan() writes buffer i while the
+        # non_blocking copy of buffer i^1 (the previous step) may still be in flight; before
+        # reusing buffer i we wait on the event recorded after its own copy two plans ago.
+        pin = self.device.type == "cuda"
+        self._stage = [torch.zeros(off, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._stage_event = [None, None]
+        self._stage_idx = 0
+        self.counts = self._view("counts")  # [num_prefix_work, num_suffix_work, bs, num_parts]
+        self.row_part_indptr = self._view("row_part_indptr")
+        self.prefix_slot_base = self._view("prefix_slot_base")
+        self.member_rows = self._view("member_rows")
+        self.prefix_work = self._view("prefix_work").view(self.max_prefix_work, WORK_FIELDS)
+        self.suffix_work = self._view("suffix_work").view(self.max_suffix_work, WORK_FIELDS)
+        self.num_prefix_work = self.counts[0:1]
+        self.num_suffix_work = self.counts[1:2]
+        self.num_rows = self.counts[2:3]
+        self.row_arange = torch.arange(max_bs, dtype=torch.int32, device=self.device)
+
+        self._prefix_kv_indices = torch.zeros(max(1, max_prefix_tokens), dtype=torch.int32, device=self.device)
+        self._suffix_kv_indices = torch.zeros(max(1, max_suffix_tokens), dtype=torch.int32, device=self.device)
+        self.part_o = torch.empty((self.max_parts, num_q_heads, head_dim), dtype=torch.float32, device=self.device)
+        self.part_lse = torch.empty((self.max_parts, num_q_heads), dtype=torch.float32, device=self.device)
+        self.lse = torch.empty((max_bs, num_q_heads), dtype=torch.float32, device=self.device)
+        self.last_plan: RelayWorkPlan | None = None
+
+    def _view(self, name: str) -> torch.Tensor:
+        off, n = self._offsets[name]
+        return self._meta[off : off + n]
+
+    def plan(
+        self,
+        *,
+        prefix_kv_indices: torch.Tensor,
+        suffix_kv_indices: torch.Tensor,
+        prefix_lens_cpu: torch.Tensor,
+        member_indptr_cpu: torch.Tensor,
+        member_rows_cpu: torch.Tensor,
+        suffix_lens_cpu: torch.Tensor,
+        prefix_kv_indptr: torch.Tensor | None = None,
+        member_indptr: torch.Tensor | None = None,
+        member_rows: torch.Tensor | None = None,
+        suffix_kv_indptr: torch.Tensor | None = None,
+    ) -> RelayWorkPlan:
+        """Host work of one decode step: build work lists, fill the static buffers.
+
+        Args:
+            prefix_kv_indices: ``[total_prefix_tokens]`` int32 slot ids (device or CPU), groups
+                concatenated in group order (``prefix_kv_indptr = [0, cumsum(prefix_lens_cpu)]``).
+            suffix_kv_indices: ``[total_suffix_tokens]`` int32 slot ids, rows concatenated.
+            prefix_lens_cpu: ``[num_groups]`` CPU ints, tokens of each shared segment.
+            member_indptr_cpu: ``[num_groups+1]`` CPU ints.
+            member_rows_cpu: ``[total_members]`` CPU ints (batch rows).
+            suffix_lens_cpu: ``[bs]`` CPU ints (0 allowed).
+            prefix_kv_indptr, member_indptr, member_rows, suffix_kv_indptr: the device copies of
+                the same CSR arrays; unused here (offsets come from the CPU lengths, so plan never
+                reads the device), accepted so both relay paths take one call.
+
+        Returns the :class:`RelayWorkPlan` (also kept as ``self.last_plan``). Issues only
+        stream-ordered copies: no device synchronisation.
+        """
+        del prefix_kv_indptr, member_indptr, member_rows, suffix_kv_indptr
+        bs = int(suffix_lens_cpu.numel())
+        nm = int(member_rows_cpu.numel())
+        assert bs <= self.max_bs, f"bs={bs} > max_bs={self.max_bs}"
+        assert int(prefix_lens_cpu.numel()) <= self.max_groups, "more groups than max_groups"
+        assert nm <= self.max_members, "more memberships than max_members"
+        npt, nst = int(prefix_kv_indices.numel()), int(suffix_kv_indices.numel())
+        assert npt <= self._prefix_kv_indices.numel() and nst <= self._suffix_kv_indices.numel(), "KV tokens over capacity"
+        wp = build_work_plan(
+            prefix_lens=prefix_lens_cpu, member_indptr=member_indptr_cpu, member_rows=member_rows_cpu,
+            suffix_lens=suffix_lens_cpu, members_per_tile=self.members_per_tile, num_kv_heads=self.num_kv_heads,
+            target_programs=self.target_programs, block_n=self.block_n, min_chunk=self.min_chunk,
+            max_suffix_splits=self.max_suffix_splits, max_prefix_work=self.max_prefix_work,
+            max_suffix_work=self.max_suffix_work, max_parts=self.max_parts,
+        )
+        i = self._stage_idx
+        self._stage_idx ^= 1
+        if self._stage_event[i] is not None:
+            self._stage_event[i].synchronize()  # the copy from this staging buffer two plans ago
+        st = self._stage[i]
+
+        def put(name: str, t: torch.Tensor) -> None:
+            off, _ = self._offsets[name]
+            st[off : off + t.numel()] = t.reshape(-1)
+
+        put("counts", torch.tensor([wp.prefix_work.shape[0], wp.suffix_work.shape[0], bs, wp.num_parts], dtype=torch.int32))
+        put("row_part_indptr", wp.row_part_indptr)
+        put("prefix_slot_base", wp.prefix_slot_base)
+        put("member_rows", member_rows_cpu.to(torch.int32))
+        put("prefix_work", wp.prefix_work)
+        put("suffix_work", wp.suffix_work)
+        non_blocking = self.device.type == "cuda"
+        self._meta.copy_(st, non_blocking=non_blocking)
+        if non_blocking:
+            ev = torch.cuda.Event()
+            ev.record()
+            self._stage_event[i] = ev
+        if npt:
+            self._prefix_kv_indices[:npt].copy_(prefix_kv_indices, non_blocking=non_blocking)
+        if nst:
+            self._suffix_kv_indices[:nst].copy_(suffix_kv_indices, non_blocking=non_blocking)
+        self.last_plan = wp
+        return wp
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        o: torch.Tensor,
+        *,
+        sm_scale: float,
+        logit_cap: float = 0.0,
+    ) -> torch.Tensor:
+        """One layer's relay decode attention over the last plan (CUDA-graph capturable).
+
+        Args:
+            q: ``[bs, num_q_heads, head_dim]`` (``bs`` = the planned batch size; rows are read only
+                through the plan, so a padded q with more rows is fine).
+            k_buffer, v_buffer: ``[num_slots, num_kv_heads, head_dim]`` the layer's KV pool.
+            o: ``[bs, num_q_heads, head_dim]`` output, written in full for the planned rows (mutated).
+            sm_scale, logit_cap: per layer (taken at run time, not plan time).
+
+        Returns ``o``. ``self.lse[:bs]`` holds the natural-log LSE of each output row.
+        """
+        assert q.shape[1:] == (self.num_q_heads, self.head_dim) and o.shape[1:] == q.shape[1:]
+        assert k_buffer.shape[1:] == (self.num_kv_heads, self.head_dim)
+        cfg = self.launch_cfg
+        common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
+                      sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n)
+        launch_segment_attention(
+            kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
+            work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
+            block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"], num_stages=cfg["num_stages_prefix"],
+            **common,
+        )
+        # Suffix: members are rows themselves (identity table); a row's suffix splits are its
+        # first part slots, so its slot base is row_part_indptr[r].
+        launch_segment_attention(
+            kv_indices=self._suffix_kv_indices, rows=self.row_arange, slot_base=self.row_part_indptr,
+            work=self.suffix_work, num_work=self.num_suffix_work, num_programs=self.suffix_programs,
+            block_m=self.suffix_block_m, num_warps=cfg["num_warps_suffix"], num_stages=cfg["num_stages_suffix"],
+            **common,
+        )
+        launch_merge_parts(
+            part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
+            num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
+        )
+        return o
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def relay_decode_triton(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    *,
+    prefix_kv_indptr: torch.Tensor,
+    prefix_kv_indices: torch.Tensor,
+    member_indptr: torch.Tensor,
+    member_rows: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot relay decode (tests, scripts): same arguments and result as
+    :func:`relay_radix.reference.relay_decode_attention`.
+
+    Returns ``(o [bs, num_q_heads, head_dim] q.dtype, lse [bs, num_q_heads] fp32 natural log)``.
+    The output is NaN-filled before the run (unwritten elements show). Reads the CSR arrays on the host (a device sync when they live on the GPU). Extra keyword
+    arguments go to :class:`TritonRelayDecode`.
+    """
+    bs, hq, d = q.shape
+    p_indptr = prefix_kv_indptr.to(torch.int64).cpu()
+    m_indptr = member_indptr.to(torch.int64).cpu()
+    s_indptr = suffix_kv_indptr.to(torch.int64).cpu()
+    rows = member_rows.to(torch.int64).cpu()
+    # The contract allows indptr not starting at 0: slice the indices to [indptr[0], indptr[-1]).
+    p_idx = prefix_kv_indices[int(p_indptr[0]) : int(p_indptr[-1])] if p_indptr.numel() > 1 else prefix_kv_indices[:0]
+    s_idx = suffix_kv_indices[int(s_indptr[0]) : int(s_indptr[-1])]
+    m_rows = rows[int(m_indptr[0]) : int(m_indptr[-1])] if m_indptr.numel() > 1 else rows[:0]
+    m_indptr = m_indptr - m_indptr[0]
+    num_groups = p_indptr.numel() - 1
+    wrapper = TritonRelayDecode(
+        hq, k_buffer.shape[1], d, q.dtype, q.device, max_bs=max(bs, 1), max_groups=max(num_groups, 1),
+        max_members=max(m_rows.numel(), 1), max_prefix_tokens=max(p_idx.numel(), 1),
+        max_suffix_tokens=max(s_idx.numel(), 1), **kwargs,
+    )
+    wrapper.plan(
+        prefix_kv_indices=p_idx.to(torch.int32), suffix_kv_indices=s_idx.to(torch.int32),
+        prefix_lens_cpu=p_indptr[1:] - p_indptr[:-1], member_indptr_cpu=m_indptr,
+        member_rows_cpu=m_rows, suffix_lens_cpu=s_indptr[1:] - s_indptr[:-1],
+    )
+    o = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
+    wrapper.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
+    return o, wrapper.lse[:bs].clone()

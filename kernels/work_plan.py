@@ -1,0 +1,199 @@
+"""Host-side work lists for the Triton relay decode kernels (built once per decode step).
+
+Everything here runs on the CPU with vectorised NumPy ops (no per-token or per-row Python
+loops) and produces small int32 tables that :class:`relay_radix.kernels.TritonRelayDecode`
+copies into its static device buffers.
+
+Part slots. Every row owns a contiguous range of *part slots*
+``[row_part_indptr[r], row_part_indptr[r+1])`` in the fp32 partial buffers: first its suffix
+splits (in KV order), then, for each group it belongs to (in ``member_rows`` order), that
+group's prefix chunks. Each part slot is written by exactly one program of the segment
+kernel, so no part is ever read before it is written and no slot is shared. A row with no
+part (empty suffix, no group) merges to the empty state ``(0, -inf)``.
+
+Work items. One work item is one (KV range, member tile) pair:
+``[kv_start, kv_len, member_start, member_count, chunk]`` (int32, see ``WORK_FIELDS``):
+  * ``kv_start``/``kv_len``: the KV token range inside ``*_kv_indices`` (``kv_len >= 1``),
+  * ``member_start``/``member_count``: the member tile inside the rows table (``member_rows``
+    for prefix work, the identity ``arange(bs)`` for suffix work),
+  * ``chunk``: the chunk number; the part slot of member ``p`` is ``slot_base[p] + chunk``.
+Prefix items are ordered chunk-major with the member tiles of one chunk adjacent, so the
+tiles that re-read one KV chunk run at the same time and hit L2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan"]
+
+WORK_FIELDS = 5  # kv_start, kv_len, member_start, member_count, chunk
+
+
+@dataclasses.dataclass(slots=True)
+class RelayWorkPlan:
+    """One decode step's work lists (CPU int32 tensors)."""
+
+    bs: int
+    prefix_chunk: int  # KV tokens per prefix work item
+    suffix_chunk: int  # KV tokens per suffix work item
+    num_parts: int  # part slots used (row_part_indptr[-1])
+    row_part_indptr: torch.Tensor  # [bs+1] part slots of row r: [indptr[r], indptr[r+1])
+    prefix_slot_base: torch.Tensor  # [total_members] first part slot of membership p
+    prefix_work: torch.Tensor  # [num_prefix_work, WORK_FIELDS]
+    suffix_work: torch.Tensor  # [num_suffix_work, WORK_FIELDS]
+
+
+def _cdiv(a: np.ndarray, b: int) -> np.ndarray:
+    return (a + (b - 1)) // b
+
+
+def _round_up(x: int, m: int) -> int:
+    return ((x + m - 1) // m) * m
+
+
+def _segment_items(
+    seg_lens: np.ndarray, seg_starts: np.ndarray, chunk: int, tiles: np.ndarray,
+    tile_starts: np.ndarray, num_tile_members: np.ndarray, members_per_tile: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Work items for segments split into ``chunk``-token pieces x member tiles.
+
+    seg_lens/seg_starts/tiles/tile_starts/num_tile_members: ``[n]`` int64.
+    Returns (work ``[W, WORK_FIELDS]`` int32, chunks per segment ``[n]`` int64).
+    """
+    chunks = np.where((seg_lens > 0) & (num_tile_members > 0), _cdiv(seg_lens, chunk), 0)
+    items = chunks * tiles
+    total = int(items.sum())
+    if total == 0:
+        return np.zeros((0, WORK_FIELDS), dtype=np.int32), chunks
+    seg = np.repeat(np.arange(seg_lens.size), items)
+    first = np.cumsum(items) - items
+    k = np.arange(total) - first[seg]
+    t = tiles[seg]
+    c = k // t  # chunk-major ...
+    tile = k % t  # ... tiles of one chunk adjacent (L2 reuse)
+    work = np.empty((total, WORK_FIELDS), dtype=np.int32)
+    work[:, 0] = seg_starts[seg] + c * chunk  # kv_start
+    work[:, 1] = np.minimum(chunk, seg_lens[seg] - c * chunk)  # kv_len
+    work[:, 2] = tile_starts[seg] + tile * members_per_tile  # member_start
+    work[:, 3] = np.minimum(members_per_tile, num_tile_members[seg] - tile * members_per_tile)
+    work[:, 4] = c
+    return work, chunks
+
+
+def _np64(t) -> np.ndarray:
+    return np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=np.int64).reshape(-1)
+
+
+def build_work_plan(
+    *,
+    prefix_lens: torch.Tensor,
+    member_indptr: torch.Tensor,
+    member_rows: torch.Tensor,
+    suffix_lens: torch.Tensor,
+    members_per_tile: int,
+    num_kv_heads: int,
+    target_programs: int,
+    block_n: int,
+    min_chunk: int,
+    max_suffix_splits: int,
+    max_prefix_work: int,
+    max_suffix_work: int,
+    max_parts: int,
+) -> RelayWorkPlan:
+    """Build the work lists of one decode step on the CPU.
+
+    Args:
+        prefix_lens: ``[num_groups]`` tokens of each group's shared segment.
+        member_indptr: ``[num_groups+1]`` CSR over ``member_rows``.
+        member_rows: ``[total_members]`` batch rows.
+        suffix_lens: ``[bs]`` tokens of each row's own part (may be 0).
+        members_per_tile: members stacked into one prefix program (``BLOCK_M // gqa``).
+        num_kv_heads: programs per work item (one per KV head).
+        target_programs: programs wanted per launch (a few per SM) before chunks stop shrinking.
+        block_n: KV tile of the kernels; chunks are multiples of it.
+        min_chunk: smallest chunk (keeps the fp32 partial traffic small next to the KV bytes).
+        max_suffix_splits: most suffix chunks of one row.
+        max_prefix_work, max_suffix_work, max_parts: static capacities; chunks grow until
+            the plan fits (raises if even one chunk per segment does not fit).
+
+    Returns:
+        :class:`RelayWorkPlan`. Offsets into ``*_kv_indices`` assume ``indptr = [0, cumsum(lens)]``.
+
+    NumPy, not torch: this runs once per decode step on the scheduler's thread, where each
+    small torch op costs microseconds of dispatch (the torch version took ~0.4 ms).
+    """
+    prefix_lens, member_indptr = _np64(prefix_lens), _np64(member_indptr)
+    member_rows, suffix_lens = _np64(member_rows), _np64(suffix_lens)
+    bs = suffix_lens.size
+    num_groups = prefix_lens.size
+    assert member_indptr.size == num_groups + 1, "member_indptr must be [num_groups+1]"
+
+    num_members = member_indptr[1:] - member_indptr[:-1]  # [G]
+    prefix_starts = np.cumsum(prefix_lens) - prefix_lens
+    suffix_starts = np.cumsum(suffix_lens) - suffix_lens
+    tiles = np.maximum(_cdiv(num_members, members_per_tile), 1)
+    live = (num_members > 0) & (prefix_lens > 0)
+
+    # Chunk sizes from the total work: enough programs to fill the chip, no smaller than
+    # min_chunk (each chunk writes rows x head_dim fp32 partials).
+    prefix_work_tokens = int((tiles * prefix_lens * live).sum()) * num_kv_heads
+    suffix_tokens = int(suffix_lens.sum()) * num_kv_heads
+    chunk_p = _round_up(max(min_chunk, -(-prefix_work_tokens // max(target_programs, 1))), block_n)
+    chunk_s = _round_up(max(min_chunk, -(-suffix_tokens // max(target_programs, 1))), block_n)
+    max_suffix = int(suffix_lens.max()) if bs > 0 else 0
+    chunk_s = max(chunk_s, _round_up(-(-max_suffix // max_suffix_splits), block_n))
+    ones, rows = np.ones(bs, dtype=np.int64), np.arange(bs, dtype=np.int64)
+    group_of = np.repeat(np.arange(num_groups), num_members)
+
+    while True:
+        pwork, pchunks = _segment_items(
+            prefix_lens, prefix_starts, chunk_p, tiles, member_indptr[:-1], num_members, members_per_tile
+        )
+        swork, schunks = _segment_items(suffix_lens, suffix_starts, chunk_s, ones, rows, ones, 1)
+        # Parts of each membership = chunks of its group.
+        mparts = pchunks[group_of]
+        row_prefix_parts = np.bincount(member_rows, weights=mparts, minlength=bs).astype(np.int64)
+        row_parts = schunks + row_prefix_parts
+        num_parts = int(row_parts.sum())
+        fits = (pwork.shape[0] <= max_prefix_work and swork.shape[0] <= max_suffix_work
+                and num_parts <= max_parts)
+        if fits:
+            break
+        max_p = int(prefix_lens.max()) if num_groups > 0 else 0
+        if chunk_p >= max_p and chunk_s >= max_suffix:
+            raise ValueError(
+                f"relay plan does not fit the static capacities: prefix_work={pwork.shape[0]}/{max_prefix_work}, "
+                f"suffix_work={swork.shape[0]}/{max_suffix_work}, parts={num_parts}/{max_parts}"
+            )
+        chunk_p, chunk_s = min(chunk_p * 2, _round_up(max(max_p, 1), block_n)), min(
+            chunk_s * 2, _round_up(max(max_suffix, 1), block_n))
+
+    row_part_indptr = np.zeros(bs + 1, dtype=np.int64)
+    np.cumsum(row_parts, out=row_part_indptr[1:])
+
+    # Slot base of each membership: after the row's suffix splits and the row's earlier
+    # memberships (in member_rows order). A stable sort by row keeps that order.
+    prefix_slot_base = np.zeros(member_rows.size, dtype=np.int64)
+    if member_rows.size > 0:
+        order = np.argsort(member_rows, kind="stable")
+        rows_sorted = member_rows[order]
+        parts_sorted = mparts[order]
+        excl = np.cumsum(parts_sorted) - parts_sorted  # global exclusive cumsum
+        row_first = np.cumsum(row_prefix_parts) - row_prefix_parts
+        within = excl - row_first[rows_sorted]
+        prefix_slot_base[order] = row_part_indptr[rows_sorted] + schunks[rows_sorted] + within
+
+    return RelayWorkPlan(
+        bs=bs,
+        prefix_chunk=chunk_p,
+        suffix_chunk=chunk_s,
+        num_parts=num_parts,
+        row_part_indptr=torch.from_numpy(row_part_indptr.astype(np.int32)),
+        prefix_slot_base=torch.from_numpy(prefix_slot_base.astype(np.int32)),
+        prefix_work=torch.from_numpy(pwork),
+        suffix_work=torch.from_numpy(swork),
+    )

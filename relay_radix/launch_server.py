@@ -1,0 +1,168 @@
+"""SGLang's server launcher with relay-radix on by default.
+
+    python -m relay_radix.launch_server --model-path relay-radix/llama2-7b-mha [sglang args]
+
+Takes the arguments of ``python -m sglang.launch_server`` and rewrites them (:func:`build_argv`):
+
+- ``--attention-backend relay --radix-cache-backend relay`` are added unless an attention
+  backend is given (``--attention-backend relay`` alone also gets ``--radix-cache-backend relay``);
+- a built-in model name (``relay-radix/llama2-7b-mha``, ``relay-radix/llama3-8b-gqa``) as
+  ``--model-path``/``--tokenizer-path`` becomes its materialized folder, and then
+  ``--load-format dummy`` is added unless a load format is given;
+- the ``--relay-*`` flags below become environment variables (inherited by SGLang's scheduler
+  processes) and are removed before SGLang parses the rest.
+
+Then SGLang's plugins are loaded (relay-radix registers the ``relay`` backend through its
+``sglang.srt.plugins`` entry point) and ``sglang.launch_server`` runs as ``__main__``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+# flag -> (environment variable, allowed values or None)
+RELAY_FLAGS = {
+    "--relay-kernel": ("RELAY_RADIX_KERNEL", ("triton", "flashinfer")),
+    "--relay-min-group-size": ("RELAY_RADIX_MIN_GROUP_SIZE", None),
+    "--relay-min-prefix-tokens": ("RELAY_RADIX_MIN_PREFIX_TOKENS", None),
+    "--relay-base-backend": ("RELAY_RADIX_BASE_BACKEND", None),
+}
+_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens")
+_MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
+
+HELP = """relay-radix launcher: python -m relay_radix.launch_server [sglang.launch_server args]
+
+Relay defaults (added unless you pass --attention-backend):
+  --attention-backend relay --radix-cache-backend relay
+Built-in dummy-weight models (folder materialized on first use; adds --load-format dummy):
+  --model-path relay-radix/llama2-7b-mha | relay-radix/llama3-8b-gqa
+Relay flags (removed before SGLang parses the rest; passed on as environment variables):
+  --relay-kernel {triton,flashinfer}   RELAY_RADIX_KERNEL (default triton)
+  --relay-min-group-size N             RELAY_RADIX_MIN_GROUP_SIZE (default 4)
+  --relay-min-prefix-tokens N          RELAY_RADIX_MIN_PREFIX_TOKENS (default 256)
+  --relay-base-backend NAME            RELAY_RADIX_BASE_BACKEND: prefill/extend backend
+                                       (default flashinfer on CUDA)
+
+SGLang's own arguments follow.
+"""
+
+
+def _split(arg: str) -> tuple[str, str | None]:
+    """``--flag=value`` -> (``--flag``, ``value``); ``--flag`` -> (``--flag``, None)."""
+    if arg.startswith("--") and "=" in arg:
+        flag, value = arg.split("=", 1)
+        return flag, value
+    return arg, None
+
+
+def _value_of(argv: list[str], flags: tuple[str, ...]) -> tuple[int, str | None]:
+    """(index, value) of the last occurrence of any of ``flags`` in argv; (-1, None) if absent."""
+    found = (-1, None)
+    for i, arg in enumerate(argv):
+        flag, value = _split(arg)
+        if flag in flags:
+            if value is None:
+                value = argv[i + 1] if i + 1 < len(argv) else None
+            found = (i, value)
+    return found
+
+
+def build_argv(argv: list[str], resolve=None) -> tuple[list[str], dict[str, str]]:
+    """Rewrite launcher arguments into SGLang arguments plus relay environment variables.
+
+    ``resolve(name) -> path | None`` maps built-in model names to folders (default:
+    :func:`relay_radix.models.resolve_model_path`). Returns ``(sglang_argv, env)``; ``argv`` is
+    not modified. Raises ``ValueError`` on a malformed relay flag.
+    """
+    if resolve is None:
+        from relay_radix.models import resolve_model_path as resolve
+
+    env: dict[str, str] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, value = _split(argv[i])
+        if flag not in RELAY_FLAGS:
+            out.append(argv[i])
+            i += 1
+            continue
+        if value is None:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(f"{flag} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        var, choices = RELAY_FLAGS[flag]
+        if choices is not None and value not in choices:
+            raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        if flag in _INT_FLAGS and not value.lstrip("-").isdigit():
+            raise ValueError(f"{flag} {value!r} is not an integer")
+        env[var] = value
+
+    # Built-in model names -> materialized folders (in place, keeping the flag's spelling).
+    resolved_model = False
+    for j, arg in enumerate(list(out)):
+        flag, value = _split(arg)
+        if flag not in _MODEL_FLAGS:
+            continue
+        if value is not None:
+            path = resolve(value)
+            if path is not None:
+                out[j] = f"{flag}={path}"
+                resolved_model |= flag != "--tokenizer-path"
+        elif j + 1 < len(out):
+            path = resolve(out[j + 1])
+            if path is not None:
+                out[j + 1] = path
+                resolved_model |= flag != "--tokenizer-path"
+    if resolved_model and _value_of(out, ("--load-format",))[0] < 0:
+        out += ["--load-format", "dummy"]
+
+    idx, backend = _value_of(out, ("--attention-backend",))
+    if idx < 0:
+        out += ["--attention-backend", "relay"]
+        backend = "relay"
+    if backend == "relay" and _value_of(out, ("--radix-cache-backend",))[0] < 0:
+        out += ["--radix-cache-backend", "relay"]
+    return out, env
+
+
+def _check_relay_registered(argv: list[str]) -> None:
+    """Fail early, with the cause, if ``relay`` was asked for but the plugin did not load."""
+    if _value_of(argv, ("--attention-backend",))[1] != "relay":
+        return
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    if "relay" not in ATTENTION_BACKEND_CHOICES:
+        sys.exit(
+            "relay_radix.launch_server: attention backend 'relay' is not registered. Is relay-radix "
+            "installed with its entry point (pip install . / pip install -e .), and does "
+            "SGLANG_PLUGINS (if set) include 'relay'? See the plugin-loading log above."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(HELP)
+    try:
+        sglang_argv, env = build_argv(argv)
+    except ValueError as e:
+        sys.exit(f"relay_radix.launch_server: {e}")
+    os.environ.update(env)  # before any scheduler process is spawned
+    for var, value in sorted(env.items()):
+        print(f"relay_radix.launch_server: {var}={value}", file=sys.stderr)
+
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # idempotent; sglang.launch_server calls it again
+    if not ("-h" in argv or "--help" in argv):
+        _check_relay_registered(sglang_argv)
+    sys.argv = [sys.argv[0]] + sglang_argv
+    runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

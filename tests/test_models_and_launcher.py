@@ -1,0 +1,469 @@
+"""CPU tests of the built-in models, the relay launcher's argv rewriting and the serving-bench tools."""
+
+import json
+import tarfile
+import time
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SERVING = REPO / "bench" / "serving"
+sys.path.insert(0, str(SERVING))
+
+import nested_dataset  # noqa: E402
+import run_serving  # noqa: E402
+import summarize  # noqa: E402
+from relay_radix import launch_server  # noqa: E402
+from relay_radix.models import (  # noqa: E402
+    BUILTIN_MODELS, load_config, materialize, prompt_words, resolve_model_path, vocab_words)
+
+MODELS = sorted(BUILTIN_MODELS)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("models")
+    return {name: materialize(name, cache) for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(model_dirs):
+    transformers = pytest.importorskip("transformers")
+    return {name: transformers.AutoTokenizer.from_pretrained(path) for name, path in model_dirs.items()}
+
+
+# ------------------------------------------------------------------------------------- models
+def test_packaged_configs_have_the_documented_shapes():
+    mha, gqa = load_config("llama2-7b-mha"), load_config("relay-radix/llama3-8b-gqa")
+    for cfg in (mha, gqa):
+        assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (32, 4096, 32)
+    assert (mha["num_key_value_heads"], mha["intermediate_size"], mha["vocab_size"]) == (32, 11008, 32000)
+    assert (gqa["num_key_value_heads"], gqa["intermediate_size"], gqa["vocab_size"]) == (8, 14336, 128256)
+    assert gqa["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_vocab_is_distinct_and_english_first(name):
+    words = vocab_words(name)
+    assert len(words) == load_config(name)["vocab_size"] == len(set(words))
+    assert words[:3] == ["<s>", "</s>", "<unk>"]
+    assert words.index("the") < 100 and words.index("system") < 200
+    assert all(w == w.lower() and " " not in w for w in words)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokenizer_covers_vocab_and_round_trips(name, tokenizers):
+    tok = tokenizers[name]
+    assert len(tok) == load_config(name)["vocab_size"]
+    rng = random.Random(1)
+    ids = rng.choices(range(len(tok)), k=3000)  # special ids included, as gen_prompt draws them
+    text = tok.decode(ids)
+    assert tok.encode(text) == ids  # no BOS added: benchmark prompt lengths are exact
+    assert all(tok.decode([i]).strip() for i in ids[:200])  # every id decodes to a visible word
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prompt_lengths_are_exact(name, tokenizers):
+    tok, words = tokenizers[name], prompt_words(name)
+    rng = random.Random(2)
+    for n in (1, 17, 128, 2048):
+        assert len(tok.encode(" ".join(rng.choices(words, k=n)))) == n
+    assert len(tok.encode("SYSTEM:hello world\nUSER: why\nASSISTANT:")) == 9  # frontend template: 6
+
+
+def test_materialize_is_idempotent_and_rebuilds_stale(tmp_path):
+    path = Path(materialize("llama2-7b-mha", tmp_path))
+    tok_file = path / "tokenizer.json"
+    mtime = tok_file.stat().st_mtime_ns
+    assert materialize("relay-radix/llama2-7b-mha", tmp_path) == str(path)
+    assert tok_file.stat().st_mtime_ns == mtime  # not rewritten
+    assert json.loads((path / "config.json").read_text()) == load_config("llama2-7b-mha")
+    (path / ".relay_radix_model.json").write_text("{}")  # as if made by another generator version
+    assert materialize("llama2-7b-mha", tmp_path) == str(path)
+    assert json.loads((path / ".relay_radix_model.json").read_text())["name"] == "llama2-7b-mha"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama2-7b-mha"]  # no temp folder left
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELAY_RADIX_MODEL_CACHE", str(tmp_path))
+    assert resolve_model_path("relay-radix/llama3-8b-gqa") == str(tmp_path / "llama3-8b-gqa")
+    assert resolve_model_path("meta-llama/Llama-2-7b-hf") is None
+    assert resolve_model_path("relay-radix/nope") is None
+    monkeypatch.chdir(tmp_path)  # a local folder named like a built-in model wins over the bare name
+    assert resolve_model_path("llama3-8b-gqa") is None
+    with pytest.raises(KeyError):
+        materialize("nope", tmp_path)
+
+
+# ----------------------------------------------------------------------------------- launcher
+def fake_resolve(name):
+    return {"relay-radix/llama2-7b-mha": "/cache/llama2-7b-mha"}.get(name)
+
+
+def test_launcher_defaults_to_relay_with_builtin_model():
+    argv, env = launch_server.build_argv(["--model-path", "relay-radix/llama2-7b-mha", "--port", "30000"],
+                                         resolve=fake_resolve)
+    assert argv == ["--model-path", "/cache/llama2-7b-mha", "--port", "30000", "--load-format", "dummy",
+                    "--attention-backend", "relay", "--radix-cache-backend", "relay"]
+    assert env == {}
+
+
+def test_launcher_relay_flags_become_env_and_leave_argv():
+    argv, env = launch_server.build_argv(
+        ["--relay-kernel", "flashinfer", "--model", "relay-radix/llama2-7b-mha", "--relay-min-group-size=8",
+         "--relay-min-prefix-tokens", "512", "--load-format", "auto", "--relay-base-backend", "triton"],
+        resolve=fake_resolve)
+    assert env == {"RELAY_RADIX_KERNEL": "flashinfer", "RELAY_RADIX_MIN_GROUP_SIZE": "8",
+                   "RELAY_RADIX_MIN_PREFIX_TOKENS": "512", "RELAY_RADIX_BASE_BACKEND": "triton"}
+    assert not any(a.startswith("--relay") for a in argv)
+    assert argv[:4] == ["--model", "/cache/llama2-7b-mha", "--load-format", "auto"]  # user's format kept
+    assert argv.count("--load-format") == 1
+
+
+def test_launcher_respects_a_given_backend():
+    argv, _ = launch_server.build_argv(["--model-path=/m", "--attention-backend", "flashinfer"], resolve=fake_resolve)
+    assert argv == ["--model-path=/m", "--attention-backend", "flashinfer"]  # no relay, no dummy
+    argv, _ = launch_server.build_argv(["--model-path", "/m", "--attention-backend=relay"], resolve=fake_resolve)
+    assert argv[-2:] == ["--radix-cache-backend", "relay"]
+    argv, _ = launch_server.build_argv(["--model-path", "/m", "--radix-cache-backend", "custom"], resolve=fake_resolve)
+    assert argv.count("--radix-cache-backend") == 1 and "custom" in argv
+
+
+@pytest.mark.parametrize("bad", [["--relay-kernel", "cuda"], ["--relay-min-group-size", "four"],
+                                 ["--relay-min-prefix-tokens"], ["--relay-kernel", "--port"]])
+def test_launcher_rejects_bad_relay_flags(bad):
+    with pytest.raises(ValueError):
+        launch_server.build_argv(["--model-path", "/m"] + bad, resolve=fake_resolve)
+
+
+def test_launcher_tokenizer_path_alone_adds_no_dummy():
+    argv, _ = launch_server.build_argv(["--model-path", "/real", "--tokenizer-path", "relay-radix/llama2-7b-mha"],
+                                       resolve=fake_resolve)
+    assert argv[:4] == ["--model-path", "/real", "--tokenizer-path", "/cache/llama2-7b-mha"]
+    assert "--load-format" not in argv
+
+
+# ------------------------------------------------------------------------------ nested dataset
+def test_nested_dataset_lengths_and_sharing(tokenizers):
+    spec = nested_dataset.NestedSpec(global_len=300, num_groups=3, fewshot_len=70, per_group=5, question_len=11)
+    tok = tokenizers["llama2-7b-mha"]
+    rows = nested_dataset.build_rows(prompt_words("llama2-7b-mha"), spec)
+    assert len(rows) == 15
+    prompts = [r["conversations"][0]["content"] for r in rows]
+    ids = [tok.encode(p) for p in prompts]
+    assert all(len(x) == 300 + 70 + 11 == r["prompt_len"] for x, r in zip(ids, rows))
+    assert len({tuple(x[:300]) for x in ids}) == 1  # one global prefix
+    by_group = {}
+    for x, r in zip(ids, rows):
+        by_group.setdefault(r["group"], set()).add(tuple(x[:370]))
+    assert sorted(by_group) == [0, 1, 2] and all(len(s) == 1 for s in by_group.values())
+    assert len({next(iter(s)) for s in by_group.values()}) == 3  # few-shot blocks differ by group
+    assert len({tuple(x[370:]) for x in ids}) == 15  # every question differs
+    assert rows == nested_dataset.build_rows(prompt_words("llama2-7b-mha"), spec)  # seeded
+
+
+# ---------------------------------------------------------------------- benchmark commands
+@pytest.fixture(scope="module")
+def serving_module():
+    return pytest.importorskip("sglang.benchmark.serving")
+
+
+def _bench_dataset(serving_module, monkeypatch, cmd, tok):
+    """Parse a bench_cmd with sglang.benchmark.serving's own CLI and load its dataset (no server)."""
+    from sglang.benchmark.datasets import get_dataset
+
+    captured = {}
+    monkeypatch.setattr(serving_module, "run_benchmark", lambda args: captured.setdefault("args", args))
+    monkeypatch.setattr(sys, "argv", ["serving"] + cmd[3:])
+    serving_module.cli_main()
+    args = captured["args"]
+    random.seed(args.seed)
+    import numpy as np
+
+    np.random.seed(args.seed)
+    return args, get_dataset(args, tok)
+
+
+@pytest.mark.parametrize("name", ["ctrl_c64", "gsp2k_c64", "gsp8k_4x32", "nested_c128", "nosh_c128"])
+def test_benchmark_commands_give_exact_input_lengths(name, serving_module, monkeypatch, tmp_path,
+                                                     model_dirs, tokenizers):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the gsp prompt cache lives under ~/.cache
+    w = run_serving.WORKLOADS[name]
+    data = tmp_path / "nested.jsonl"
+    if w.kind == "nested":
+        rows = nested_dataset.build_rows(prompt_words("llama2-7b-mha"), nested_dataset.NestedSpec(
+            global_len=w.sys_len, num_groups=w.groups, fewshot_len=w.fewshot_len, per_group=w.per_group,
+            question_len=run_serving.QUESTION_LEN))
+        nested_dataset.write_jsonl(rows, data)
+    cmd = run_serving.bench_cmd(w, port=1, model_dir=model_dirs["llama2-7b-mha"], out_file=tmp_path / "o.jsonl",
+                                tag="t", dataset_path=data)
+    args, rows = _bench_dataset(serving_module, monkeypatch, cmd, tokenizers["llama2-7b-mha"])
+    assert len(rows) == w.num_requests
+    assert {r.output_len for r in rows} == {run_serving.OUTPUT_LEN}
+    assert sum(r.prompt_len for r in rows) == w.expected_input_tokens()
+    if w.kind != "rnd":  # the dataset's count is the tokenizer's count of the text sent
+        tok = tokenizers["llama2-7b-mha"]
+        assert all(len(tok.encode(r.prompt)) == r.prompt_len for r in rows[:8])
+    assert args.max_concurrency == w.conc
+
+
+def test_rate_command_and_search():
+    w = run_serving.WORKLOADS["rate8k"]
+    cmd = run_serving.bench_cmd(w, port=1, model_dir="/m", out_file=Path("o"), tag="t", rate=16.0)
+    assert cmd[cmd.index("--request-rate") + 1] == "16.0" and "--max-concurrency" not in cmd
+    assert cmd[cmd.index("--num-prompts") + 1] == str(run_serving.rate_num_requests(16.0)) == "128"
+    rates = [4.0, 8.0, 16.0, 32.0, 64.0]
+    for threshold in (0.0, 4.0, 8.0, 16.0, 32.0, 64.0):  # pass iff rate <= threshold
+        seen = {}
+        while (r := run_serving.next_rate(rates, seen)) is not None:
+            assert r not in seen
+            seen[r] = r <= threshold
+        good = [r for r, ok in seen.items() if ok]
+        assert (max(good) if good else 0.0) == threshold
+        assert len(seen) <= 4
+
+
+def test_select_workloads_and_input_check():
+    assert [w.name for w in run_serving.select_workloads("core,gsp8k_c128,nosh_c128")] == \
+        run_serving.PRESETS["core"] + ["nosh_c128"]
+    with pytest.raises(SystemExit):
+        run_serving.select_workloads("gsp9k")
+    assert run_serving.check_input_tokens(1000, 1019)[0] and not run_serving.check_input_tokens(1000, 1021)[0]
+    assert run_serving.check_input_tokens(1000, None) == (False, None)
+
+
+def test_dry_run_prints_every_command(capsys, tmp_path):
+    rc = run_serving.main(["--dry-run", "--workloads", "all", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "relay_radix.launch_server --model-path relay-radix/llama2-7b-mha --attention-backend relay" in out
+    assert "sglang.launch_server --model-path /tmp/relay_models/llama2-7b-mha --load-format dummy " \
+           "--attention-backend flashinfer" in out
+    for system in ("relay", "vanilla"):
+        for name in run_serving.PRESETS["all"]:
+            assert f"--tag llama2-7b-mha/{system}/{name}" in out or f"/{system}-{name}" in out
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+# --------------------------------------------------------------------------------- summarize
+def _record(tag, tok_s, tpot, total_input):
+    return {"tag": tag, "backend": "sglang", "output_throughput": tok_s, "request_throughput": tok_s / 256,
+            "median_ttft_ms": 100.0, "median_tpot_ms": tpot, "p99_tpot_ms": tpot * 1.5,
+            "total_input_tokens": total_input, "completed": 128, "server_info": {"x": 1}, "itls": [[1.0]]}
+
+
+def test_summarize_synthetic_jsonl(tmp_path):
+    m = "llama2-7b-mha"
+    exact = run_serving.WORKLOADS["gsp8k_c128"].expected_input_tokens()
+    recs = [_record(f"{m}/relay/gsp8k_c128", 6000.0, 15.0, exact),
+            _record(f"{m}/vanilla/gsp8k_c128", 1500.0, 60.0, int(exact * 1.05)),  # 5% off: flagged
+            _record(f"{m}/relay/ctrl_c128", 8000.0, 12.0, 128 * 128),
+            _record(f"{m}/vanilla/ctrl_c128", 8400.0, 12.5, 128 * 128),
+            _record("not-ours", 1.0, 1.0, 1)]
+    src = tmp_path / "raw.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert summarize.main([str(src), "--out-dir", str(tmp_path / "res"), "--device", "NVIDIA H100 80GB HBM3",
+                           "--no-plots"]) == 0
+    md = (tmp_path / "res" / "serving-h100-80gb-hbm3.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:5] == ["6000", "1500", "4.00x"]
+    assert cells[9] == "4.00x"  # TPOT speedup 60 / 15
+    assert cells[12:14] == ["1.20", "4.80"]  # relay 15 / vanilla control 12.5; vanilla 60 / 12.5
+    assert "vanilla MISMATCH +5.0%" in cells[14]
+    ctrl = next(l for l in md.splitlines() if l.startswith("| ctrl_c128"))
+    assert ctrl.rstrip().endswith("| exact |")
+    doc = json.loads((tmp_path / "res" / "serving-h100-80gb-hbm3.json").read_text())
+    assert doc["device"] == "NVIDIA H100 80GB HBM3"
+    assert {(t["workload"], t["relay"]["output_throughput"]) for t in doc["table"]} == {
+        ("ctrl_c128", 8000.0), ("gsp8k_c128", 6000.0)}
+
+
+def test_summarize_results_json_with_rate_search_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    m = "llama3-8b-gqa"
+    runs = []
+    for system, tpots in (("relay", {8.0: 12.0, 16.0: 14.0}), ("vanilla", {8.0: 22.0, 16.0: 40.0})):
+        for rate, p99 in tpots.items():
+            runs.append({"system": system, "workload": "rate8k", "rate": rate,
+                         "result": _record("x", 1000.0, p99 / 1.5, 1)})
+        runs.append({"system": system, "workload": "gsp16k_c128", "rate": None,
+                     "result": _record("x", 3000.0 if system == "relay" else 2000.0, 20.0, 1)})
+    call = {"model": m, "device": "NVIDIA H200", "date": "2026-11-24", "versions": {"sglang": "0.5.16"}, "runs": runs,
+            "rate_search": {"relay": {"slo_p99_tpot_ms": 25.0, "sustainable_rate": 16.0, "bounded_above": False,
+                                      "tried": [{"rate": 16.0, "p99_tpot_ms": 14.0, "pass": True}]},
+                            "vanilla": {"slo_p99_tpot_ms": 25.0, "sustainable_rate": 8.0, "bounded_above": True,
+                                        "tried": [{"rate": 16.0, "p99_tpot_ms": 40.0, "pass": False},
+                                                  {"rate": 8.0, "p99_tpot_ms": 22.0, "pass": True}]}},
+            "errors": ["something broke"]}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(call))
+    assert summarize.main([str(src), "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "serving-h200.md").read_text()
+    assert "| relay | 25.0 | 16 -> 14.0 | 16 (highest tried) |" in md
+    assert "| vanilla | 25.0 | 8 -> 22.0, 16 -> 40.0 (fail) | 8 |" in md
+    assert "ERROR: something broke" in md
+    assert (tmp_path / f"serving-h200-{m}.png").stat().st_size > 0
+    assert (tmp_path / f"serving-h200-{m}-rate.png").stat().st_size > 0
+
+
+# ------------------------------------------------------- driver end to end against a fake server
+FAKE_SERVER = r'''
+"""Stands in for an SGLang server: the HTTP endpoints the driver, benchmark and frontend use."""
+import json, re, sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+port, model_path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if mode == "die":
+    sys.exit(3)
+started = time.time()
+count = lambda text: len(re.findall(r"\w+|[^\w\s]+", text))  # the Whitespace pre-tokenizer
+
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, obj, status=200):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self.reply({}, 200 if time.time() - started > 1 else 503)
+        if self.path == "/v1/models":
+            return self.reply({"data": [{"id": model_path}]})
+        if self.path == "/get_model_info":
+            return self.reply({"model_path": model_path})
+        if self.path == "/server_info":
+            return self.reply({"fake": True, "argv": sys.argv})
+        self.reply({}, 404)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        print(json.dumps({"n": len(req["text"]) if isinstance(req["text"], list) else 1,
+                          "max_new_tokens": req["sampling_params"].get("max_new_tokens")}), flush=True)
+        n = req["sampling_params"].get("max_new_tokens") or 0
+        texts = req["text"] if isinstance(req["text"], list) else [req["text"]]
+        outs = [{"text": " ".join(["the"] * n), "meta_info": {
+            "prompt_tokens": count(t), "completion_tokens": n, "cached_tokens": 0, "e2e_latency": 0.01}}
+            for t in texts]
+        if not req.get("stream"):
+            return self.reply(outs if isinstance(req["text"], list) else outs[0])
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for k in range(1, n + 1, max(1, n // 8)):
+            chunk = {"text": " ".join(["the"] * k), "meta_info": {"completion_tokens": k}}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            time.sleep(0.002)
+        self.wfile.write(f"data: {json.dumps(outs[0])}\n\ndata: [DONE]\n\n".encode())
+        self.close_connection = True
+
+
+ThreadingHTTPServer.request_queue_size = 1024  # 128 clients connect at once
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_driver(tmp_path, monkeypatch, model_dirs):
+    """A run_serving.Driver whose servers are FAKE_SERVER and whose setup skips the device site."""
+    fake = tmp_path / "fake_server.py"
+    fake.write_text(FAKE_SERVER)
+    monkeypatch.setattr(run_serving, "WORK", tmp_path / "work")
+    monkeypatch.setattr(run_serving, "MODEL_CACHE", Path(model_dirs["llama2-7b-mha"]).parent)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def setup(self):
+        run_serving.WORK.mkdir()
+        self.results.update(device="Fake GPU", versions={"sglang": "fake"})
+        w = run_serving.WORKLOADS["nested_c128"]
+        nested_dataset.write_jsonl(nested_dataset.build_rows(prompt_words(self.model), nested_dataset.NestedSpec(
+            global_len=w.sys_len, num_groups=w.groups, fewshot_len=w.fewshot_len, per_group=w.per_group,
+            question_len=run_serving.QUESTION_LEN)), run_serving.WORK / "nested.data")
+
+    monkeypatch.setattr(run_serving.Driver, "setup", setup)
+
+    def make(*argv, mode="ok"):
+        monkeypatch.setattr(run_serving, "server_cmd", lambda system, model, model_dir, port, *_: [
+            sys.executable, str(fake), str(port), model_dir, mode])
+        a = run_serving.parse_args(["--port", str(_free_port()), "--out", str(tmp_path / "out"), *argv])
+        return run_serving.Driver(a)
+
+    return make
+
+
+def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
+    d = fake_driver("--workloads", "nested_c128,frontend8k,rate8k", "--rates", "64", "--budget-s", "3000")
+    assert d.main() == 0, d.results["errors"]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["errors"] == [] and res["skipped"] == []
+    ran = {(r["system"], r["workload"]) for r in res["runs"]}
+    assert ran == {(s, w) for s in ("relay", "vanilla") for w in ("nested_c128", "frontend8k", "rate8k")}
+    for run in res["runs"]:
+        assert run["rc"] == 0 and run["input_tokens_ok"], run
+        assert run["result"]["completed"] == (run_serving.rate_num_requests(64) if run["rate"] else 128)
+    assert res["rate_search"]["relay"]["sustainable_rate"] == 64.0
+    assert set(res["warmup_s"]) == set(res["server_start_s"]) == {"relay", "vanilla"}
+    assert res["server_info"]["relay"]["fake"] is True
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"server-relay.log", "server-vanilla.log", "relay-nested_c128.log", "vanilla-frontend8k.jsonl"} <= names
+    server_log = (run_serving.WORK / "server-relay.log").read_text().splitlines()
+    warm = [json.loads(l) for l in server_log[:3]]  # the warm-up batches
+    assert warm == [{"n": 8, "max_new_tokens": 16}, {"n": 1, "max_new_tokens": 1}, {"n": 8, "max_new_tokens": 32}]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| nested_c128 |" in md and "| frontend8k |" in md
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # what the device sends back
+
+
+def test_driver_detects_server_death(fake_driver, tmp_path):
+    d = fake_driver("--workloads", "ctrl_c64", mode="die")
+    assert d.main() == 1
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert any("died during start" in e for e in res["errors"])
+    assert res["runs"] == [] and "vanilla" not in res["server_cmds"]  # relay failed: no vanilla twin
+
+
+def test_stop_server_ends_the_whole_process_group(fake_driver, tmp_path):
+    import os
+    import subprocess
+
+    d = fake_driver()
+    run_serving.WORK.mkdir()
+    pid_file = tmp_path / "grandchild.pid"
+    d.server = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")], start_new_session=True)
+    deadline = time.time() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    d.stop_server("relay")
+    assert d.server is None
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)
