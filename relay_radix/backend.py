@@ -124,7 +124,7 @@ class RelayAttnBackend(AttentionBackend):
     def _take_plan(self, fb, in_capture: bool) -> DecodeRelayPlan:
         plan, self._next_plan = self._next_plan, None
         raw_bs = fb.batch_size - int(getattr(fb, "num_padding", 0) or 0)
-        seq_lens_cpu = fb.seq_lens_cpu
+        seq_lens_cpu = _seq_lens_cpu(fb)
         if plan is None:
             if not in_capture:
                 self.plans_without_scheduler += 1
@@ -148,7 +148,7 @@ class RelayAttnBackend(AttentionBackend):
         self.plan = plan
         bs = fb.batch_size  # padded rows (CUDA graph) follow the plan's rows, in no group
         pad = bs - plan.batch_size
-        seq_lens = fb.seq_lens_cpu[:bs].to(torch.int64)
+        seq_lens = _seq_lens_cpu(fb)[:bs].to(torch.int64)
         suffix_start = torch.cat([plan.suffix_start.to(torch.int64), torch.zeros(pad, dtype=torch.int64)])
         suffix_lens = seq_lens - suffix_start
         if plan.num_groups > MAX_GROUPS:
@@ -194,6 +194,14 @@ class RelayAttnBackend(AttentionBackend):
             o = q3.new_empty((q3.shape[0], hq, dv))
             self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap)
         return o.reshape(-1, hq * dv)
+
+
+def _seq_lens_cpu(fb) -> torch.Tensor:
+    """Host copy of the batch's seq_lens: SGLang keeps one for decode (eager and replay);
+    only a capture-time dummy batch may lack it, and a sync there costs nothing."""
+    if getattr(fb, "seq_lens_cpu", None) is not None:
+        return fb.seq_lens_cpu
+    return fb.seq_lens.cpu()
 
 
 def _indptr(lens: torch.Tensor) -> torch.Tensor:
