@@ -24,6 +24,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    _stack_dump_on_sigusr1()
     from sglang.srt.layers.attention.attention_registry import (
         ATTENTION_BACKENDS,
         register_attention_backend,
@@ -46,6 +47,17 @@ def register() -> None:
     from relay_radix.patches import register_hooks
 
     register_hooks()
+
+
+def _stack_dump_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints every thread's Python stack to stderr (the server log):
+    how a stuck server is diagnosed where no debugger runs. SGLang does not use SIGUSR1."""
+    import faulthandler
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def create_relay_backend(runner):

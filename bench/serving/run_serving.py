@@ -220,7 +220,9 @@ class Driver:
         self.out = Path(a.out)
         self.model = a.model
         self.workloads = select_workloads(a.workloads)
-        self.systems = [s for s in ("relay", "vanilla") if s in a.systems.split(",")]
+        # In the order given: vanilla first compiles FlashInfer's JIT kernels (decode and
+        # prefill) for both servers of the call; relay first measures relay for sure.
+        self.systems = [s for s in dict.fromkeys(a.systems.split(",")) if s in ("relay", "vanilla")]
         self.env = dict(os.environ)
         self.model_dir = str(MODEL_CACHE / self.model)
         self.server = None
@@ -377,6 +379,13 @@ class Driver:
             time.sleep(2)
         else:
             self.fail(f"{system} server not healthy after {limit:.0f}s", system)
+            # relay_radix.plugin registers faulthandler on SIGUSR1 in every SGLang process:
+            # the server log then shows where each process is stuck.
+            try:
+                os.killpg(self.server.pid, signal.SIGUSR1)
+                time.sleep(3)
+            except OSError:
+                pass
             return False
         self.results["server_start_s"][system] = round(time.time() - t, 1)
         self.log(f"{system} server up after {time.time() - t:.0f}s")
@@ -536,7 +545,8 @@ class Driver:
         self.save()
 
     def vanilla_cost(self, names: list[str]) -> float:
-        return (SECOND_SERVER_EST_S + sum(WORKLOADS[n].est_s for n in names)) if "vanilla" in self.systems else 0
+        """Time the second system of the call needs for ``names`` (its twin runs)."""
+        return (SECOND_SERVER_EST_S + sum(WORKLOADS[n].est_s for n in names)) if len(self.systems) > 1 else 0
 
     def run_system(self, system: str, todo: list[Workload]) -> list[str]:
         """Start ``system``, run ``todo`` within the budget, stop. Returns the workloads that ran."""
@@ -547,7 +557,7 @@ class Driver:
             return done
         try:
             for w in todo:
-                reserve = self.vanilla_cost(done + [w.name]) if system == "relay" else 0
+                reserve = self.vanilla_cost(done + [w.name]) if system == self.systems[0] else 0
                 if not self.a.dry_run and self.left() < w.est_s + reserve + 20:
                     msg = f"{system}/{w.name}: skipped, {self.left():.0f}s left < {w.est_s + reserve + 20}s needed"
                     self.results["skipped"].append(msg)
@@ -575,9 +585,9 @@ class Driver:
             todo = self.workloads
             for system in self.systems:
                 ran = self.run_system(system, todo)
-                if system == "relay" and "vanilla" in self.systems:
+                if system == self.systems[0] and len(self.systems) > 1:
                     if not ran and not self.a.dry_run and not self.a.keep_going:
-                        self.fail("relay ran nothing: vanilla skipped (--keep-going runs it anyway)")
+                        self.fail(f"{system} ran nothing: its twin skipped (--keep-going runs it anyway)")
                         break
                     if not self.a.dry_run:
                         todo = [w for w in todo if w.name in ran] or (todo if self.a.keep_going else [])
