@@ -123,6 +123,10 @@ def markdown(calls: list[dict]) -> str:
             out.append(f"  - ERROR: {msg}")
         for msg in call.get("skipped", []):
             out.append(f"  - skipped: {msg}")
+        if ex := call.get("exactness"):
+            out.append(f"  - exactness (relay vs vanilla, greedy, same prompts): {ex['identical_greedy']}/"
+                       f"{ex['requests']} identical outputs, max |logprob diff| chosen "
+                       f"{ex['max_abs_logprob_diff_chosen']:.3g}, top-k {ex['max_abs_logprob_diff_topk']:.3g}")
     out.append("")
     for model in models:
         out += [f"## {model}", "",
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device or next((c["device"] for c in calls if c.get("device")), None)
     for c in calls:
         c["device"] = c.get("device") or device
+        c.pop("exact_raw", None)  # per-token logprobs of both servers: summarised in "exactness"
     slug = device_slug(device)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
