@@ -18,6 +18,7 @@ Hooks (``sglang.srt.plugins.HookRegistry``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,27 @@ def after_scheduler_init(result, self, *args, **kwargs):
     self._relay_backend = backend
     from relay_radix.metrics import DECODE_LOG_LOGGER, DecodeLogFilter, make_prometheus
 
-    logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(lambda: backend.last_stats))
+    logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
+        lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None)))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
+
+
+def _record_plan_fingerprint(scheduler, plan) -> None:
+    """Per-rank plan trace: every TP rank builds its plan from its own replicated tree (map
+    section 8), so the ranks' fingerprints must agree step by step. Logs each one at DEBUG and
+    folds it into a rolling digest (``_relay_plan_digest``, shown in the decode log line as
+    ``plan digest <8 hex>``) so two ranks' logs can be compared line by line. Cheap: the
+    fingerprint hashes a few small int32 arrays."""
+    fp = plan.fingerprint()
+    step = getattr(scheduler, "_relay_plan_step", 0) + 1
+    prev = getattr(scheduler, "_relay_plan_digest", b"")
+    scheduler._relay_plan_step = step
+    scheduler._relay_plan_digest = hashlib.blake2b(prev + bytes.fromhex(fp), digest_size=8).digest()
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("relay-radix plan step=%d tp_rank=%d fp=%s groups=%d",
+                     step, getattr(scheduler, "tp_rank", 0), fp, plan.num_groups)
 
 
 def before_run_batch(self, batch, *args, **kwargs):
@@ -89,6 +107,7 @@ def before_run_batch(self, batch, *args, **kwargs):
         if pool is None:
             pool = [r.req_pool_idx for r in batch.reqs]
         plan = build_decode_plan(backend.manager, batch.reqs, pool, batch.seq_lens_cpu)
+        _record_plan_fingerprint(self, plan)
         backend.set_next_plan(plan)
         backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers)
         prom = getattr(self, "_relay_prometheus", None)

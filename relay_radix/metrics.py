@@ -1,9 +1,10 @@
 """Relay observability: per-decode-step figures in the decode log line and Prometheus.
 
 * Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
-  ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%)`` to every
+  ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), plan digest D`` to every
   ``Decode batch ...`` line (SGLang builds that line inside ``report_decode_stats``; the
-  filter extends it without touching SGLang's code).
+  filter extends it without touching SGLang's code). D is the rolling digest of the rank's
+  decode plans: equal on every TP rank while their trees agree.
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
   made in a scheduler process (map section 9); these gauges and counters are made on the
   first decode step of a process whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
@@ -27,16 +28,27 @@ def format_stats(s: PlanStats | None) -> str:
             f"KV read {s.kv_bytes_relay / 1e9:.3f}/{s.kv_bytes_vanilla / 1e9:.3f} GB (-{100 * saved:.0f}%)")
 
 
-class DecodeLogFilter(logging.Filter):
-    """Appends the last relay plan's figures to SGLang's ``Decode batch`` log line."""
+def format_digest(digest: bytes | None) -> str:
+    """``plan digest <8 hex>``: the rolling digest of every plan this rank built so far (equal
+    on all tensor-parallel ranks when their trees agree; see ``scheduler_hooks``)."""
+    return f"plan digest {digest.hex()[:8]}" if digest else "plan digest none"
 
-    def __init__(self, stats_source):
+
+class DecodeLogFilter(logging.Filter):
+    """Appends the last relay plan's figures (and, given ``digest_source``, the rolling plan
+    digest) to SGLang's ``Decode batch`` log line."""
+
+    def __init__(self, stats_source, digest_source=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
+        self.digest_source = digest_source  # callable -> bytes | None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Decode batch"):
-            record.msg = f"{record.msg}, {format_stats(self.stats_source())}"
+            extra = format_stats(self.stats_source())
+            if self.digest_source is not None:
+                extra = f"{extra}, {format_digest(self.digest_source())}"
+            record.msg = f"{record.msg}, {extra}"
         return True
 
 

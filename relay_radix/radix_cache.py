@@ -14,6 +14,30 @@ from relay_radix.config import RelayConfig
 from relay_radix.groups import RelayGroupManager
 
 
+class _CreationOrderTieBreak:
+    """SGLang's eviction priority made total and process-independent: ``(priority, node.id)``.
+
+    SGLang: ``RadixCache.evict`` heapifies ``(get_priority(node), node)`` over
+    ``list(self.evictable_leaves)``, a ``set`` of TreeNodes hashed by ``id()`` (memory
+    address). On equal priorities the heap falls back to ``TreeNode.__lt__``, which compares
+    ``last_access_time`` again, so a tie stays a tie and the pop order is the set's iteration
+    order -- which differs between TP ranks (separate processes, different addresses). Ranks
+    could then evict different nodes and their trees (prefix matches, relay plans) diverge.
+    ``TreeNode.id`` comes from the class counter ``TreeNode.counter`` at construction; ranks
+    that perform the same tree operations create this tree's nodes in the same relative order,
+    so ordering ties by it is the same everywhere (older node first). Distinct priorities keep
+    SGLang's order unchanged; the node itself is never compared.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_priority(self, node):
+        return (self.inner.get_priority(node), node.id)
+
+
 class RelayRadixCache(RadixCache):
     """Radix cache whose ``relay`` attribute tracks live sharing and relay groups."""
 
@@ -30,6 +54,7 @@ class RelayRadixCache(RadixCache):
                 f"relay-radix supports --page-size 1 only (got {self.page_size})"
             )
         self.relay = RelayGroupManager(self, config)
+        self.eviction_strategy = _CreationOrderTieBreak(self.eviction_strategy)
 
     def reset(self):
         super().reset()

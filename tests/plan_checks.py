@@ -68,7 +68,11 @@ def check_plan(sched, batch, plan: DecodeRelayPlan) -> None:
     for g in range(plan.num_groups):
         rows = set(plan.member_rows[plan.member_indptr[g]:plan.member_indptr[g + 1]].tolist())
         end = int(plan.group_end[g])
-        head = next(h for h in manager.groups if h.end == end and h.start == int(plan.group_start[g]))
+        # The group's head lies on its first member's path (same-length prompts in other
+        # subtrees have groups with the same token range).
+        first_path = path_nodes(tree, batch.reqs[min(rows)].last_node)
+        head = next(h for h in manager.groups
+                    if h.end == end and h.start == int(plan.group_start[g]) and h.head in first_path)
         under = {r for r, req in enumerate(batch.reqs) if head.head in path_nodes(tree, req.last_node)}
         assert rows == under
     assert len(heads) >= plan.num_groups
