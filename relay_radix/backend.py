@@ -85,12 +85,11 @@ class RelayAttnBackend(AttentionBackend):
             max_suffix_tokens=max_bs * self.max_context_len,
         )
         d = self.dims
-        if self.config.kernel == "flashinfer":
-            from relay_radix.kernels.flashinfer_relay import FlashInferRelayDecode as Kernel
-        else:
-            from relay_radix.kernels.triton_relay import TritonRelayDecode as Kernel
-        logger.info("relay-radix: %s decode kernels, capacity %s", self.config.kernel, caps)
-        return Kernel(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
+        # Triton only: the FlashInfer relay path is refused at backend creation (plugin.py).
+        from relay_radix.kernels.triton_relay import TritonRelayDecode
+
+        logger.info("relay-radix: triton decode kernels, capacity %s", caps)
+        return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
 
     def _kernel_for(self, bs: int):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.

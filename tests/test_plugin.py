@@ -106,3 +106,16 @@ def test_config_from_env_validates(monkeypatch):
     monkeypatch.setenv("RELAY_RADIX_MIN_GROUP_SIZE", "1")
     with pytest.raises(ValueError, match="at least 2"):
         RelayConfig.from_env()
+
+
+def test_flashinfer_kernel_choice_is_refused_on_cuda(monkeypatch):
+    """Not wired into the server yet: refused loudly, never run over stale graph buffers."""
+    from relay_radix.plugin import create_relay_backend
+
+    monkeypatch.setenv("RELAY_RADIX_KERNEL", "flashinfer")
+    mc = types.SimpleNamespace(is_encoder_decoder=False, hf_text_config=types.SimpleNamespace(),
+                               is_hybrid_swa=False, sliding_window_size=None, attention_chunk_size=None)
+    runner = types.SimpleNamespace(device="cuda", use_mla_backend=False, is_draft_worker=False, page_size=1,
+                                   model_config=mc, token_to_kv_pool=types.SimpleNamespace(dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL=triton"):
+        create_relay_backend(runner)
