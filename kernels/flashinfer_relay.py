@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .triton_merge import launch_merge_fi_states
+from .work_plan import one_shot_args
 
 __all__ = ["FlashInferRelayDecode", "relay_decode_flashinfer"]
 
@@ -267,18 +268,11 @@ def relay_decode_flashinfer(
     """One-shot FlashInfer relay decode; arguments and result as
     :func:`relay_radix.reference.relay_decode_attention` (indptr arrays start at 0)."""
     bs, hq, d = q.shape
-    p_indptr = prefix_kv_indptr.to(torch.int64).cpu()
-    m_indptr = member_indptr.to(torch.int64).cpu()
-    s_indptr = suffix_kv_indptr.to(torch.int64).cpu()
-    w = FlashInferRelayDecode(
-        hq, k_buffer.shape[1], d, q.dtype, q.device, max_bs=max(bs, 1), max_groups=max(p_indptr.numel() - 1, 1),
-        max_members=max(member_rows.numel(), 1), max_prefix_tokens=max(prefix_kv_indices.numel(), 1),
-        max_suffix_tokens=max(suffix_kv_indices.numel(), 1),
-    )
-    w.plan(prefix_kv_indices=prefix_kv_indices, suffix_kv_indices=suffix_kv_indices,
-           prefix_lens_cpu=p_indptr[1:] - p_indptr[:-1], member_indptr_cpu=m_indptr,
-           member_rows_cpu=member_rows.cpu(), suffix_lens_cpu=s_indptr[1:] - s_indptr[:-1],
-           sm_scale=sm_scale, logit_cap=logit_cap)
+    caps, plan_kwargs = one_shot_args(
+        prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr,
+        member_rows=member_rows, suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices, bs=bs)
+    w = FlashInferRelayDecode(hq, k_buffer.shape[1], d, q.dtype, q.device, **caps)
+    w.plan(**plan_kwargs, sm_scale=sm_scale, logit_cap=logit_cap)
     o = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
     w.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
     return o, w.lse[:bs].clone()

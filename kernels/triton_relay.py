@@ -20,7 +20,7 @@ import torch
 
 from .triton_merge import launch_merge_parts
 from .triton_segment import launch_segment_attention
-from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan
+from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, one_shot_args
 
 __all__ = ["TritonRelayDecode", "relay_decode_triton"]
 
@@ -290,30 +290,16 @@ def relay_decode_triton(
     :func:`relay_radix.reference.relay_decode_attention`.
 
     Returns ``(o [bs, num_q_heads, head_dim] q.dtype, lse [bs, num_q_heads] fp32 natural log)``.
-    The output is NaN-filled before the run (unwritten elements show). Reads the CSR arrays on the host (a device sync when they live on the GPU). Extra keyword
-    arguments go to :class:`TritonRelayDecode`.
+    The output is NaN-filled before the run (unwritten elements show). Reads the CSR arrays on
+    the host (a device sync when they live on the GPU). Extra keyword arguments go to
+    :class:`TritonRelayDecode`.
     """
     bs, hq, d = q.shape
-    p_indptr = prefix_kv_indptr.to(torch.int64).cpu()
-    m_indptr = member_indptr.to(torch.int64).cpu()
-    s_indptr = suffix_kv_indptr.to(torch.int64).cpu()
-    rows = member_rows.to(torch.int64).cpu()
-    # The contract allows indptr not starting at 0: slice the indices to [indptr[0], indptr[-1]).
-    p_idx = prefix_kv_indices[int(p_indptr[0]) : int(p_indptr[-1])] if p_indptr.numel() > 1 else prefix_kv_indices[:0]
-    s_idx = suffix_kv_indices[int(s_indptr[0]) : int(s_indptr[-1])]
-    m_rows = rows[int(m_indptr[0]) : int(m_indptr[-1])] if m_indptr.numel() > 1 else rows[:0]
-    m_indptr = m_indptr - m_indptr[0]
-    num_groups = p_indptr.numel() - 1
-    wrapper = TritonRelayDecode(
-        hq, k_buffer.shape[1], d, q.dtype, q.device, max_bs=max(bs, 1), max_groups=max(num_groups, 1),
-        max_members=max(m_rows.numel(), 1), max_prefix_tokens=max(p_idx.numel(), 1),
-        max_suffix_tokens=max(s_idx.numel(), 1), **kwargs,
-    )
-    wrapper.plan(
-        prefix_kv_indices=p_idx.to(torch.int32), suffix_kv_indices=s_idx.to(torch.int32),
-        prefix_lens_cpu=p_indptr[1:] - p_indptr[:-1], member_indptr_cpu=m_indptr,
-        member_rows_cpu=m_rows, suffix_lens_cpu=s_indptr[1:] - s_indptr[:-1],
-    )
+    caps, plan_kwargs = one_shot_args(
+        prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr,
+        member_rows=member_rows, suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices, bs=bs)
+    wrapper = TritonRelayDecode(hq, k_buffer.shape[1], d, q.dtype, q.device, **caps, **kwargs)
+    wrapper.plan(**plan_kwargs)
     o = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
     wrapper.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
     return o, wrapper.lse[:bs].clone()

@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import torch
 
-__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan"]
+__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan", "one_shot_args"]
 
 WORK_FIELDS = 5  # kv_start, kv_len, member_start, member_count, chunk
 
@@ -197,3 +197,40 @@ def build_work_plan(
         prefix_work=torch.from_numpy(pwork),
         suffix_work=torch.from_numpy(swork),
     )
+
+
+def one_shot_args(
+    *,
+    prefix_kv_indptr: torch.Tensor,
+    prefix_kv_indices: torch.Tensor,
+    member_indptr: torch.Tensor,
+    member_rows: torch.Tensor,
+    suffix_kv_indptr: torch.Tensor,
+    suffix_kv_indices: torch.Tensor,
+    bs: int,
+) -> tuple[dict, dict]:
+    """Capacities and ``plan()`` arguments of a one-shot run from the contract's CSR tensors.
+
+    Used by the one-shot helpers of both relay paths (tests, scripts). Reads the indptr arrays
+    on the host (a device sync when they live on the GPU). The contract allows indptr arrays
+    that do not start at 0: the index lists are sliced to ``[indptr[0], indptr[-1])``.
+
+    Returns ``(capacities, plan_kwargs)``: keyword arguments of the kernel class constructor
+    (``max_*``) and of its ``plan()``.
+    """
+    p_indptr = prefix_kv_indptr.to(torch.int64).cpu()
+    m_indptr = member_indptr.to(torch.int64).cpu()
+    s_indptr = suffix_kv_indptr.to(torch.int64).cpu()
+    rows = member_rows.to(torch.int64).cpu()
+    has_groups = p_indptr.numel() > 1
+    p_idx = prefix_kv_indices[int(p_indptr[0]) : int(p_indptr[-1])] if has_groups else prefix_kv_indices[:0]
+    s_idx = suffix_kv_indices[int(s_indptr[0]) : int(s_indptr[-1])]
+    m_rows = rows[int(m_indptr[0]) : int(m_indptr[-1])] if m_indptr.numel() > 1 else rows[:0]
+    caps = dict(max_bs=max(bs, 1), max_groups=max(p_indptr.numel() - 1, 1), max_members=max(m_rows.numel(), 1),
+                max_prefix_tokens=max(p_idx.numel(), 1), max_suffix_tokens=max(s_idx.numel(), 1))
+    plan_kwargs = dict(
+        prefix_kv_indices=p_idx.to(torch.int32), suffix_kv_indices=s_idx.to(torch.int32),
+        prefix_lens_cpu=p_indptr[1:] - p_indptr[:-1], member_indptr_cpu=m_indptr - m_indptr[0],
+        member_rows_cpu=m_rows, suffix_lens_cpu=s_indptr[1:] - s_indptr[:-1],
+    )
+    return caps, plan_kwargs
