@@ -23,7 +23,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from relay_radix.config import RelayConfig
 from relay_radix.gate import AttentionDims
 from relay_radix.kv_slots import gather_ranges
-from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan  # noqa: F401 (PlanStats: last_stats type)
+from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan
 from relay_radix.reference import relay_decode_attention
 
 if TYPE_CHECKING:

@@ -68,7 +68,6 @@ class RelayGroupManager:
         self._count: dict["TreeNode", int] = {}  # live requests passing through each node
         self._live: dict[str, "TreeNode"] = {}  # rid -> node it is counted under
         self._groups: dict["TreeNode", RelayGroup] = {}  # head -> group (pinned heads)
-        self._version = 0  # bumps whenever the group set changes
         self._dirty = False  # live counts changed since the last refresh
 
     # ---- queries -------------------------------------------------------------------------
@@ -86,14 +85,6 @@ class RelayGroupManager:
     def groups(self) -> list[RelayGroup]:
         """Promoted groups, outermost first, in a deterministic order (level, start, end)."""
         return sorted(self._groups.values(), key=lambda g: (g.level, g.start, g.end, g.head.id))
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def pinned_tokens(self) -> int:
-        return sum(g.tokens for g in self._groups.values())
 
     def group_chain(self, node: "TreeNode | None", memo: dict | None = None) -> tuple[RelayGroup, ...]:
         """Groups whose heads lie on the path root..node, outermost first.
@@ -233,7 +224,6 @@ class RelayGroupManager:
             )
         self._groups = chosen
         if changed:
-            self._version += 1
             logger.debug("relay groups now %s", [(g.level, g.start, g.end, g.members) for g in self.groups])
 
     def _demote_shrunk(self) -> None:
@@ -247,4 +237,3 @@ class RelayGroupManager:
         self._live.clear()
         self._groups.clear()
         self._dirty = False
-        self._version += 1

@@ -49,6 +49,9 @@ def test_nested_system_prompts_promote_then_dissolve():
     s.prefill(with_fewshot[1:] + plain + alone)
     batch, plan = plan_for(s)
     assert group_table(plan) == {(0, 0, 600): 8, (1, 600, 900): 4}
+    heads = {(g.level, g.start): g.head for g in s.tree.relay.groups}
+    assert s.tree.relay.live_count(heads[(0, 0)]) == 8  # live requests through each node
+    assert s.tree.relay.live_count(heads[(1, 600)]) == 4
     rows = {r.rid: i for i, r in enumerate(batch.reqs)}
     for r in alone:
         assert int(plan.suffix_start[rows[r.rid]]) == 0
