@@ -8,7 +8,9 @@ and a row whose parts are all empty (or which has none) gets ``(0, -inf)``, neve
 
 Two kernels:
   * :func:`launch_merge_parts`: the Triton relay path; row ``r`` merges the contiguous part
-    slots ``[row_part_indptr[r], row_part_indptr[r+1])`` of one fp32 partial buffer.
+    slots ``[row_part_indptr[r], row_part_indptr[r+1])`` of one fp32 partial buffer, optionally
+    on top of a *base state* already in ``o`` (the row's suffix attention computed by
+    FlashInfer's paged decode, base-2 LSE): then a row with no part slot is left as it is.
   * :func:`launch_merge_fi_states`: the FlashInfer relay path; row ``r`` merges its suffix
     state (FlashInfer decode output, base-2 LSE) with the prefix states of its memberships
     (FlashInfer prefill output over gathered member queries, base-2 LSE). Base 2 is
@@ -41,8 +43,9 @@ def _merge_parts_kernel(
     Part_Lse,  # [max_parts, num_q_heads] fp32, natural log
     Row_Part_Indptr,  # [max_bs+1] int32
     Num_Rows,  # [1] int32 live batch size
-    O,  # [bs, num_q_heads, head_dim] output dtype
+    O,  # [bs, num_q_heads, head_dim] output dtype (HAS_BASE: holds the base state's o on entry)
     Lse_Out,  # [max_bs, num_q_heads] fp32, natural log
+    Base_Lse2,  # HAS_BASE: [max_bs, num_q_heads] fp32 base-2 LSE of the base state in O
     # Strides
     stride_po_p,
     stride_po_h,
@@ -50,15 +53,18 @@ def _merge_parts_kernel(
     stride_o_bs,
     stride_o_h,
     stride_lse_bs,
+    stride_bl_bs,
     # Meta
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    HAS_BASE: tl.constexpr,
 ):
     row = tl.program_id(0)
     if row >= tl.load(Num_Rows):
         return  # programs beyond the live batch (fixed CUDA-graph grid)
+    r64 = row.to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < NUM_Q_HEADS
@@ -69,6 +75,15 @@ def _merge_parts_kernel(
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    mask_o = mask
+    if HAS_BASE:
+        # A row with no part keeps o as it is: no load, no store of o (masks all false), so
+        # with no sharing this launch costs the indptr and LSE reads and the LSE store.
+        mask_o = mask & (end > start)
+        # Base 2 -> natural log here: the one boundary of this path.
+        base_lse = tl.load(Base_Lse2 + r64 * stride_bl_bs + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
+        base_o = tl.load(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], mask=mask_o, other=0.0)
+        m, l, acc = _merge_step(m, l, acc, base_lse, base_o.to(tl.float32))
     for p in range(start, end):
         lse = tl.load(Part_Lse + p * stride_pl_p + offs_h, mask=mask_h, other=float("-inf"))
         o = tl.load(Part_O + p * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
@@ -76,8 +91,7 @@ def _merge_parts_kernel(
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-    r64 = row.to(tl.int64)
-    tl.store(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
+    tl.store(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask_o)
     tl.store(Lse_Out + r64 * stride_lse_bs + offs_h, lse_out, mask=mask_h)
 
 
@@ -95,6 +109,7 @@ def launch_merge_parts(
     o: torch.Tensor,
     lse_out: torch.Tensor,
     grid_rows: int,
+    base_lse2: torch.Tensor | None = None,
 ) -> None:
     """Merge each row's part slots into ``o`` ``[bs, num_q_heads, head_dim]`` (written in full for
     ``row < num_rows[0]``) and ``lse_out`` ``[>=bs, num_q_heads]`` fp32 natural log.
@@ -102,16 +117,23 @@ def launch_merge_parts(
     part_o ``[max_parts, num_q_heads, head_dim]`` fp32; part_lse ``[max_parts, num_q_heads]``;
     row_part_indptr ``[>=bs+1]`` int32; num_rows ``[1]`` int32 device; grid_rows: fixed grid rows
     (>= live bs; the CUDA-graph capacity).
+
+    base_lse2: ``[>=bs, num_q_heads]`` fp32 **base-2** LSE of a base state that ``o`` already holds
+    (FlashInfer's decode output over each row's suffix). The row's parts are merged on top of it,
+    in place; rows with no part keep ``o`` untouched (only their LSE is converted to ``lse_out``).
     """
     num_q_heads, head_dim = o.shape[1], o.shape[2]
     assert o.stride(2) == 1 and part_o.stride(2) == 1
     block_h = _block_h(num_q_heads, head_dim)
     grid = (max(1, grid_rows), triton.cdiv(num_q_heads, block_h))
+    has_base = base_lse2 is not None
+    bl = base_lse2 if has_base else lse_out  # unused pointer when not HAS_BASE
     _merge_parts_kernel[grid](
-        part_o, part_lse, row_part_indptr, num_rows, o, lse_out,
+        part_o, part_lse, row_part_indptr, num_rows, o, lse_out, bl,
         part_o.stride(0), part_o.stride(1), part_lse.stride(0), o.stride(0), o.stride(1), lse_out.stride(0),
+        bl.stride(0),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        num_warps=4,
+        HAS_BASE=has_base, num_warps=4,
     )
 
 

@@ -12,6 +12,12 @@ fixed-grid launches that read only those buffers, q and the layer's KV pool:
 
 So ``run`` can be captured in a CUDA graph once and replayed after any later ``plan`` that
 fits the capacities given to ``__init__``.
+
+``external_suffix=True`` (the server's default on CUDA): the suffixes are attended by ordinary
+paged decode outside this object (SGLang's FlashInfer decode wrapper, the kernel vanilla
+decode uses), which writes each row's suffix state into ``o`` and a base-2 LSE; ``run`` then
+skips launch 2 and merges the prefix parts on top of that state in place. With no shared
+segment in the batch this is vanilla decode plus one near-empty launch and an LSE copy.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class TritonRelayDecode:
             ``suffix_kv_indices`` of one step.
         max_parts: fp32 partial slots (default ``4 * max_bs + 8 * max_members``); plans use
             larger chunks when they would need more.
+        external_suffix: suffixes are attended outside (see the module docstring): ``plan``
+            takes no suffix slot list and ``run`` needs ``base_lse2``.
         prefix_block_m: stacked query rows per prefix program (16/32/64/128); default 64.
         num_sms: programs are sized from it (default: the device's SM count).
     """
@@ -69,6 +77,7 @@ class TritonRelayDecode:
         max_prefix_tokens: int,
         max_suffix_tokens: int,
         max_parts: int | None = None,
+        external_suffix: bool = False,
         max_suffix_splits: int = 16,
         prefix_block_m: int = 64,
         block_n: int = 64,
@@ -86,6 +95,9 @@ class TritonRelayDecode:
         self.dtype, self.device = dtype, torch.device(device)
         self.max_bs, self.max_groups, self.max_members = max_bs, max_groups, max_members
         self.max_suffix_splits = max_suffix_splits
+        self.external_suffix = external_suffix
+        if external_suffix:
+            max_suffix_tokens = 0  # no suffix slot list, no suffix work
         self.block_n, self.min_chunk = block_n, min_chunk
         assert prefix_block_m >= 16 and prefix_block_m & (prefix_block_m - 1) == 0, "prefix_block_m: power of 2 >= 16"
         self.prefix_block_m = max(prefix_block_m, _next_pow2(self.gqa))
@@ -99,13 +111,13 @@ class TritonRelayDecode:
         max_tiles = max_groups + -(-max_members // self.members_per_tile)
         max_prefix_chunks = max(1, -(-self.max_parts // max(1, max_members)))
         self.max_prefix_work = max_tiles * max_prefix_chunks
-        self.max_suffix_work = max_bs * max_suffix_splits
+        self.max_suffix_work = 0 if external_suffix else max_bs * max_suffix_splits
 
         # Persistent grids: programs_per_sm per SM in total (all co-resident: one wave, no
         # straggler programs), split over the KV heads; never more than the capacity.
         per_head = max(1, self.target_programs // num_kv_heads)
         self.prefix_programs = min(self.max_prefix_work, max(per_head, 1))
-        self.suffix_programs = min(self.max_suffix_work, max(per_head, 1))
+        self.suffix_programs = max(1, min(self.max_suffix_work, per_head))
 
         # One packed int32 table (one H2D copy per plan): views at fixed offsets.
         sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
@@ -149,7 +161,7 @@ class TritonRelayDecode:
         self,
         *,
         prefix_kv_indices: torch.Tensor,
-        suffix_kv_indices: torch.Tensor,
+        suffix_kv_indices: torch.Tensor | None,
         prefix_lens_cpu: torch.Tensor,
         member_indptr_cpu: torch.Tensor,
         member_rows_cpu: torch.Tensor,
@@ -164,11 +176,13 @@ class TritonRelayDecode:
         Args:
             prefix_kv_indices: ``[total_prefix_tokens]`` int32 slot ids (device or CPU), groups
                 concatenated in group order (``prefix_kv_indptr = [0, cumsum(prefix_lens_cpu)]``).
-            suffix_kv_indices: ``[total_suffix_tokens]`` int32 slot ids, rows concatenated.
+            suffix_kv_indices: ``[total_suffix_tokens]`` int32 slot ids, rows concatenated
+                (``None`` with ``external_suffix``: the suffixes are attended outside).
             prefix_lens_cpu: ``[num_groups]`` CPU ints, tokens of each shared segment.
             member_indptr_cpu: ``[num_groups+1]`` CPU ints.
             member_rows_cpu: ``[total_members]`` CPU ints (batch rows).
-            suffix_lens_cpu: ``[bs]`` CPU ints (0 allowed).
+            suffix_lens_cpu: ``[bs]`` CPU ints (0 allowed; with ``external_suffix`` only the
+                batch size is taken from it).
             prefix_kv_indptr, member_indptr, member_rows, suffix_kv_indptr: the device copies of
                 the same CSR arrays; unused here (offsets come from the CPU lengths, so plan never
                 reads the device), accepted so both relay paths take one call.
@@ -182,6 +196,10 @@ class TritonRelayDecode:
         assert bs <= self.max_bs, f"bs={bs} > max_bs={self.max_bs}"
         assert int(prefix_lens_cpu.numel()) <= self.max_groups, "more groups than max_groups"
         assert nm <= self.max_members, "more memberships than max_members"
+        if self.external_suffix:
+            assert suffix_kv_indices is None, "external_suffix: the suffix slots are not planned here"
+            suffix_lens_cpu = torch.zeros(bs, dtype=torch.int64)  # no suffix parts: merged from the base state
+            suffix_kv_indices = prefix_kv_indices[:0]
         npt, nst = int(prefix_kv_indices.numel()), int(suffix_kv_indices.numel())
         assert npt <= self._prefix_kv_indices.numel() and nst <= self._suffix_kv_indices.numel(), "KV tokens over capacity"
         wp = build_work_plan(
@@ -229,6 +247,7 @@ class TritonRelayDecode:
         *,
         sm_scale: float,
         logit_cap: float = 0.0,
+        base_lse2: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One layer's relay decode attention over the last plan (CUDA-graph capturable).
 
@@ -238,6 +257,8 @@ class TritonRelayDecode:
             k_buffer, v_buffer: ``[num_slots, num_kv_heads, head_dim]`` the layer's KV pool.
             o: ``[bs, num_q_heads, head_dim]`` output, written in full for the planned rows (mutated).
             sm_scale, logit_cap: per layer (taken at run time, not plan time).
+            base_lse2: ``external_suffix`` only: ``[>=bs, num_q_heads]`` fp32 base-2 LSE of the
+                suffix state that ``o`` holds on entry (FlashInfer's ``return_lse`` output).
 
         Returns ``o``. ``self.lse[:bs]`` holds the natural-log LSE of each output row.
         """
@@ -254,6 +275,14 @@ class TritonRelayDecode:
         )
         # Suffix: members are rows themselves (identity table); a row's suffix splits are its
         # first part slots, so its slot base is row_part_indptr[r].
+        if self.external_suffix:
+            assert base_lse2 is not None, "external_suffix: pass the suffix state (o, base_lse2)"
+            launch_merge_parts(
+                part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
+                num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
+                base_lse2=base_lse2,
+            )
+            return o
         launch_segment_attention(
             kv_indices=self._suffix_kv_indices, rows=self.row_arange, slot_base=self.row_part_indptr,
             work=self.suffix_work, num_work=self.num_suffix_work, num_programs=self.suffix_programs,

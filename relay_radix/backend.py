@@ -9,7 +9,11 @@ process and one Python thread, so a plain reference carries the plan):
     DecodeRelayPlan (CPU) --init_forward_metadata_out_graph--> slot lists (device gather)
         --kernel.plan()--> static work lists  --forward_decode, per layer--> kernel.run()
 
-On CPU, decode runs the pure-torch reference (``relay_radix.reference``).
+Suffixes (each row's unshared KV) are ordinary paged decode. On CUDA they run, by default,
+on FlashInfer's decode wrappers of the wrapped backend (``relay_radix.suffix_decode``: the
+kernel vanilla decode runs), and the Triton kernel merges the groups' prefix parts into that
+state; ``RELAY_RADIX_SUFFIX=triton`` runs them in the Triton kernel instead. On CPU, decode
+runs the pure-torch reference (``relay_radix.reference``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class RelayAttnBackend(AttentionBackend):
             kv_dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size(),
         )
         self.kv_dtype = kv_dtype
+        self.suffix = None  # FlashInferSuffixDecode when suffixes run on FlashInfer (CUDA)
+        if self.device.type == "cuda" and self.config.suffix_kernel() == "flashinfer":
+            from relay_radix.suffix_decode import FlashInferSuffixDecode
+
+            self.suffix = FlashInferSuffixDecode(base_backend)
         self.manager: RelayGroupManager | None = None
         self._next_plan: DecodeRelayPlan | None = None
         self.plan: DecodeRelayPlan | None = None  # the plan of the step being run
@@ -89,7 +98,8 @@ class RelayAttnBackend(AttentionBackend):
         from relay_radix.kernels.triton_relay import TritonRelayDecode
 
         logger.info("relay-radix: triton decode kernels, capacity %s", caps)
-        return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device, **caps)
+        return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device,
+                                 external_suffix=self.suffix is not None, **caps)
 
     def _kernel_for(self, bs: int):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.
@@ -108,13 +118,16 @@ class RelayAttnBackend(AttentionBackend):
     # ---- metadata --------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode():
-            self.init_forward_metadata_out_graph(forward_batch, in_capture=False)
+            self._plan_decode(forward_batch, in_capture=False, graph=False)
         else:
             self.base.init_forward_metadata(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if self.device.type == "cuda":
             self._graph_kernel = self._make_kernel(max_bs)
+            if self.suffix is not None:
+                # The suffix decode runs on the base backend's graph wrappers (index buffers).
+                self.base.init_cuda_graph_state(max_bs, max_num_tokens)
 
     def get_cuda_graph_seq_len_fill_value(self):
         # Padded rows decode one token at req_to_token[0, 0], the reserved sink slot.
@@ -141,8 +154,15 @@ class RelayAttnBackend(AttentionBackend):
         return plan
 
     def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
+        # SGLang calls this outside the graph at capture (in_capture=True) and before each
+        # replay; eager steps come through init_forward_metadata.
         if not fb.forward_mode.is_decode():
             return self.base.init_forward_metadata_out_graph(fb, in_capture)
+        if in_capture and self.suffix is not None:
+            self.suffix.prepare_capture(fb)  # the base backend's graph wrappers for this bs
+        self._plan_decode(fb, in_capture=in_capture, graph=True)
+
+    def _plan_decode(self, fb, *, in_capture: bool, graph: bool):
         plan = self._take_plan(fb, in_capture)
         self.plan = plan
         bs = fb.batch_size  # padded rows (CUDA graph) follow the plan's rows, in no group
@@ -154,8 +174,18 @@ class RelayAttnBackend(AttentionBackend):
             raise RuntimeError(f"relay-radix: {plan.num_groups} groups exceed MAX_GROUPS={MAX_GROUPS}")
         prefix_lens = plan.prefix_lens.to(torch.int64)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
-        suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         kernel = self._kernel = self._kernel_for(bs)
+        if kernel is not None and self.suffix is not None:
+            # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
+            assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
+            self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
+            kernel.plan(
+                prefix_kv_indices=prefix_idx, suffix_kv_indices=None, prefix_lens_cpu=prefix_lens,
+                member_indptr_cpu=plan.member_indptr.to(torch.int64), member_rows_cpu=plan.member_rows,
+                suffix_lens_cpu=suffix_lens,
+            )
+            return
+        suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,
@@ -189,6 +219,11 @@ class RelayAttnBackend(AttentionBackend):
         if self._kernel is None:
             o, _ = relay_decode_attention(
                 q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
+        elif self.suffix is not None:
+            o = q3.new_empty((q3.shape[0], hq, dv))
+            lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
+            self.suffix.run(q3, layer, o, lse2)  # o, lse2 <- each row's suffix state
+            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap, base_lse2=lse2)
         else:
             o = q3.new_empty((q3.shape[0], hq, dv))
             self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap)

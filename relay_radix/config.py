@@ -12,6 +12,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_MIN_PREFIX_TOKENS`` | 256 | shortest shared segment worth a group |
 | ``RELAY_RADIX_MAX_LEVELS`` | 4 | deepest nesting of groups (level 0 = outermost) |
 | ``RELAY_RADIX_KERNEL`` | triton | decode kernels: ``triton`` or ``flashinfer`` |
+| ``RELAY_RADIX_SUFFIX`` | flashinfer (CUDA with the FlashInfer base) | each request's own suffix: ``flashinfer`` (SGLang's FlashInfer decode wrappers, vanilla's kernel) or ``triton`` (the relay kernel's suffix launch) |
 | ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
 | ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
 """
@@ -22,6 +23,7 @@ import dataclasses
 import os
 
 KERNEL_CHOICES = ("triton", "flashinfer")
+SUFFIX_CHOICES = ("flashinfer", "triton")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -45,6 +47,7 @@ class RelayConfig:
     kernel: str = "triton"
     base_backend: str | None = None  # None: chosen by device (flashinfer on CUDA)
     gate: bool = True
+    suffix: str | None = None  # None: flashinfer when the base backend is flashinfer
 
     def __post_init__(self):
         if self.min_group_size < 2:
@@ -61,10 +64,21 @@ class RelayConfig:
             raise ValueError("min_prefix_tokens must be >= 1 (RELAY_RADIX_MIN_PREFIX_TOKENS)")
         if self.max_levels < 1:
             raise ValueError("max_levels must be >= 1 (RELAY_RADIX_MAX_LEVELS)")
+        if self.suffix is not None and self.suffix not in SUFFIX_CHOICES:
+            raise ValueError(
+                f"RELAY_RADIX_SUFFIX={self.suffix!r}: choose one of {', '.join(SUFFIX_CHOICES)}"
+            )
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_KERNEL={self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}"
             )
+
+    def suffix_kernel(self) -> str:
+        """Where suffixes run on CUDA: FlashInfer decode unless asked otherwise or the base
+        backend is not FlashInfer."""
+        if self.suffix is not None:
+            return self.suffix
+        return "flashinfer" if self.base_backend in (None, "flashinfer") else "triton"
 
     @classmethod
     def from_env(cls) -> "RelayConfig":
@@ -77,4 +91,5 @@ class RelayConfig:
             kernel=os.environ.get("RELAY_RADIX_KERNEL", "triton") or "triton",
             base_backend=os.environ.get("RELAY_RADIX_BASE_BACKEND") or None,
             gate=_env_int("RELAY_RADIX_GATE", 1) != 0,
+            suffix=os.environ.get("RELAY_RADIX_SUFFIX") or None,
         )

@@ -28,6 +28,7 @@ RELAY_FLAGS = {
     "--relay-min-group-size": ("RELAY_RADIX_MIN_GROUP_SIZE", None),
     "--relay-min-prefix-tokens": ("RELAY_RADIX_MIN_PREFIX_TOKENS", None),
     "--relay-base-backend": ("RELAY_RADIX_BASE_BACKEND", None),
+    "--relay-suffix": ("RELAY_RADIX_SUFFIX", ("flashinfer", "triton")),
 }
 _INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
@@ -44,6 +45,8 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
   --relay-min-prefix-tokens N          RELAY_RADIX_MIN_PREFIX_TOKENS (default 256)
   --relay-base-backend NAME            RELAY_RADIX_BASE_BACKEND: prefill/extend backend
                                        (default flashinfer on CUDA)
+  --relay-suffix {flashinfer,triton}   RELAY_RADIX_SUFFIX: kernel for each request's own
+                                       suffix (default flashinfer: SGLang's decode wrappers)
 
 SGLang's own arguments follow.
 """

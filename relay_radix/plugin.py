@@ -84,6 +84,7 @@ def create_relay_backend(runner):
             f"RELAY_RADIX_BASE_BACKEND={base_name!r} is not a usable base backend; "
             "use flashinfer, triton or torch_native")
     base = ATTENTION_BACKENDS[base_name](runner)
-    logger.info("relay-radix: decode=relay(%s), prefill/extend=%s, min_group_size=%d, min_prefix_tokens=%d",
-                config.kernel, base_name, config.min_group_size, config.min_prefix_tokens)
+    logger.info("relay-radix: decode=relay(%s prefix, %s suffix), prefill/extend=%s, min_group_size=%d, "
+                "min_prefix_tokens=%d", config.kernel, config.suffix_kernel() if str(runner.device).startswith("cuda")
+                else "reference", base_name, config.min_group_size, config.min_prefix_tokens)
     return RelayAttnBackend(runner, base, config)

@@ -14,7 +14,9 @@ from tests._relay_cases import make_case, plan_kwargs, random_groups, reference_
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
-def build_case(kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int, bs: int | None = None):
+def build_case(kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int, bs: int | None = None,
+               min_suffix: int = 0):
+    """min_suffix=1: every row owns >= 1 token, as in server decode (the token being decoded)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "mixed":  # several + nested groups, rows in no group, suffixes 0..2048
         bs = bs or 48
@@ -35,8 +37,45 @@ def build_case(kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed
         suffix = torch.randint(1, 4097, (bs,), generator=g).tolist()
     else:
         raise ValueError(kind)
+    suffix = [max(x, min_suffix) for x in suffix]
     return make_case(bs=bs, hq=hq, hkv=hkv, d=d, dtype=dtype, groups=groups, suffix_lens=suffix,
                      device="cuda", seed=seed, extra_slots=1000)
+
+
+class HybridRelay:
+    """The server's default decode path at kernel level (what ``RelayAttnBackend`` runs with
+    ``RELAY_RADIX_SUFFIX=flashinfer``, minus SGLang's wrapper bookkeeping): FlashInfer batch
+    decode over each row's suffix writes ``o`` and a base-2 LSE, then
+    ``TritonRelayDecode(external_suffix=True)`` merges the groups' prefix parts on top.
+    Same plan/run interface as ``FlashInferRelayDecode`` (suffixes must be non-empty)."""
+
+    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, **cap):
+        import flashinfer
+
+        from relay_radix.kernels import TritonRelayDecode
+
+        self.shape, self.dtype = (hq, hkv, d), dtype
+        self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, **cap)
+        ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+        self.dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hkv >= 4)
+        self.lse2 = torch.empty((cap["max_bs"], hq), dtype=torch.float32, device="cuda")
+        self.bs = 0
+
+    def plan(self, *, suffix_kv_indices, suffix_lens_cpu, sm_scale, **kw):
+        lens = suffix_lens_cpu.long().cpu()
+        assert bool((lens >= 1).all()), "FlashInfer decode needs a non-empty suffix per row"
+        indptr = torch.zeros(lens.numel() + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(lens, 0)
+        hq, hkv, d = self.shape
+        self.dec.plan(indptr, suffix_kv_indices.to(torch.int32), torch.ones(lens.numel(), dtype=torch.int32),
+                      hq, hkv, d, 1, q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=sm_scale)
+        self.tri.plan(suffix_kv_indices=None, suffix_lens_cpu=lens, **kw)
+        self.bs = lens.numel()
+
+    def run(self, q, k, v, o, *, sm_scale):
+        n = self.bs
+        self.dec.run(q[:n], (k.unsqueeze(1), v.unsqueeze(1)), out=o[:n], lse=self.lse2[:n], return_lse=True)
+        return self.tri.run(q, k, v, o, sm_scale=sm_scale, base_lse2=self.lse2)
 
 
 def _capacity(case, extra: int = 0) -> dict:
@@ -55,6 +94,8 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
         from relay_radix.kernels import TritonRelayDecode
 
         return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **cap)
+    if path == "hybrid":
+        return HybridRelay(hq, hkv, d, case.q.dtype, **cap)
     from relay_radix.kernels import FlashInferRelayDecode
 
     return FlashInferRelayDecode(hq, hkv, d, case.q.dtype, "cuda", use_cuda_graph=graph, **cap)
@@ -62,13 +103,13 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
 
 def _plan(path, w, case):
     kw = plan_kwargs(case)
-    if path == "flashinfer":
+    if path in ("flashinfer", "hybrid"):
         kw["sm_scale"] = case.sm_scale
     w.plan(**kw)
 
 
 def check(path: str, kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed)
+    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, min_suffix=int(path == "hybrid"))
     w = make_wrapper(path, case)
     _plan(path, w, case)
     o = torch.full_like(case.q, float("nan"))

@@ -42,6 +42,16 @@ def test_flashinfer(kind, hq, hkv):
     _assert(check("flashinfer", kind, hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=9))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["mixed", "nested", "big_group", "no_groups"])
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_hybrid_flashinfer_suffix(kind, hq, hkv, dtype):
+    """The server's default: FlashInfer decode suffix state + Triton prefix parts merged in place."""
+    from tests._relay_gpu_checks import check
+
+    _assert(check("hybrid", kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
+
+
 @pytest.mark.parametrize("path", ["triton", "flashinfer"])
 def test_cuda_graph_replay_after_replan(path):
     from tests._relay_gpu_checks import check_graph

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests._relay_cases import make_case, random_groups, rel_err
+from tests._relay_cases import make_case, plan_kwargs, random_groups, rel_err
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -201,3 +201,40 @@ def test_flashinfer_path_logic_with_fake_wrappers(monkeypatch):
     assert not torch.isnan(o).any()
     assert rel_err(o, ref_o)[0] < 1e-5
     assert torch.equal(o[6], torch.zeros_like(o[6])) and torch.isneginf(lse[6]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_external_suffix_state_merged_in_place(dtype, hq, hkv):
+    """The server's path: each row's suffix state is computed outside (FlashInfer paged decode in
+    the server; the float64 oracle here) and handed in through ``o`` and a base-2 LSE; the
+    kernel merges the prefix parts on top. Rows in no group keep ``o`` bit for bit."""
+    from relay_radix.reference import naive_decode_attention
+
+    bs, d, seed = 9, 64, 21 + hq
+    groups = random_groups(bs - 2, seed=seed, max_prefix=300, max_group=4)  # rows 7, 8: in no group
+    in_group = {r for rows, _ in groups for r in rows}
+    g = torch.Generator().manual_seed(seed)
+    suffix = torch.randint(1, 101, (bs,), generator=g).tolist()  # decode: the own part is never empty
+    case = make_case(bs=bs, hq=hq, hkv=hkv, d=d, dtype=dtype, groups=groups, suffix_lens=suffix, seed=seed)
+    c = case.csr
+    suf_o, suf_lse = naive_decode_attention(case.q.double(), case.k.double(), case.v.double(),
+                                            c["suffix_kv_indptr"], c["suffix_kv_indices"], case.sm_scale, 0.0)
+    kw = plan_kwargs(case)
+    kw["suffix_kv_indices"] = None
+    caps = dict(max_bs=bs, max_groups=len(groups), max_members=int(c["member_rows"].numel()),
+                max_prefix_tokens=int(c["prefix_kv_indices"].numel()), max_suffix_tokens=1)
+    w = TritonRelayDecode(hq, hkv, d, dtype, "cpu", external_suffix=True, **caps)
+    w.plan(**kw)
+    assert w.last_plan.suffix_work.shape[0] == 0  # no suffix work: FlashInfer's job
+    o = suf_o.to(dtype).clone()
+    before = o.clone()
+    base_lse2 = (suf_lse / 0.6931471805599453).float()
+    w.run(case.q, case.k, case.v, o, sm_scale=case.sm_scale, base_lse2=base_lse2)
+    ref_o, ref_lse = case.reference()
+    err, mx = rel_err(o, ref_o)
+    assert err < TOL[dtype], (err, mx)
+    assert (w.lse[:bs].double() - ref_lse).abs().max().item() < 1e-3
+    for r in range(bs):
+        if r not in in_group:
+            assert torch.equal(o[r], before[r]), f"row {r} (no group) was rewritten"

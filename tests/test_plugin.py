@@ -108,6 +108,35 @@ def test_config_from_env_validates(monkeypatch):
         RelayConfig.from_env()
 
 
+def test_suffix_kernel_choice(monkeypatch):
+    """Suffixes default to FlashInfer decode when the base backend is FlashInfer (vanilla's
+    kernel), to the Triton launch otherwise; a bad value is refused with the choices."""
+    from relay_radix.config import RelayConfig
+
+    for var in ("RELAY_RADIX_SUFFIX", "RELAY_RADIX_BASE_BACKEND", "RELAY_RADIX_KERNEL", "RELAY_RADIX_MIN_GROUP_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert RelayConfig.from_env().suffix_kernel() == "flashinfer"
+    monkeypatch.setenv("RELAY_RADIX_BASE_BACKEND", "triton")
+    assert RelayConfig.from_env().suffix_kernel() == "triton"
+    monkeypatch.setenv("RELAY_RADIX_SUFFIX", "flashinfer")
+    assert RelayConfig.from_env().suffix_kernel() == "flashinfer"
+    monkeypatch.setenv("RELAY_RADIX_SUFFIX", "cuda")
+    with pytest.raises(ValueError, match="RELAY_RADIX_SUFFIX='cuda': choose one of flashinfer, triton"):
+        RelayConfig.from_env()
+
+
+def test_flashinfer_suffix_needs_the_flashinfer_base():
+    """The FlashInfer suffix path drives the wrapped backend's own decode wrappers: with another
+    base backend (here SGLang's real torch_native class) it refuses and says what to set."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from relay_radix.suffix_decode import FlashInferSuffixDecode
+
+    base = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)
+    with pytest.raises(ValueError, match="RELAY_RADIX_SUFFIX=triton"):
+        FlashInferSuffixDecode(base)
+
+
 def test_flashinfer_kernel_choice_is_refused_on_cuda(monkeypatch):
     """Not wired into the server yet: refused loudly, never run over stale graph buffers."""
     from relay_radix.plugin import create_relay_backend

@@ -14,11 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 path = sys.argv[1]
 res = json.load(open(path))
 rows = [r for r in res["timing"] if r.get("ms")]
-ks = ["sglang_triton", "fi_decode", "fi_cascade", "relay_triton", "relay_fi"]
+ks = [k for k in ("sglang_triton", "fi_decode", "fi_cascade", "relay_triton", "relay_fi", "relay_hybrid")
+      if any(r["ms"].get(k) for r in rows)]
 fig, ax = plt.subplots(figsize=(18, 6))
-w = 0.16
+w = 0.8 / len(ks)
 for i, k in enumerate(ks):
-    xs = [j + (i - 2) * w for j in range(len(rows))]
+    xs = [j + (i - (len(ks) - 1) / 2) * w for j in range(len(rows))]
     ax.bar(xs, [r["ms"].get(k) or 0 for r in rows], w, label=k)
 ax.plot(range(len(rows)), [r["floor_ms"] for r in rows], "k_", markersize=14, label="HBM floor (relay bytes)")
 ax.set_yscale("log")

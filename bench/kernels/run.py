@@ -254,12 +254,28 @@ def k_relay_fi(w):
     return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
 
 
+def k_relay_hybrid(w):
+    """The server's default: FlashInfer decode over the suffixes + Triton prefix parts merged on top."""
+    from tests._relay_gpu_checks import HybridRelay
+
+    bs = w["bs"]
+    wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, max_bs=max(bs, 256),
+                     max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
+                     max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1)
+    kw = dict(relay_plan_kwargs(w), sm_scale=w["sm_scale"])
+    wr.plan(**kw)
+    plan_ms = _plan_ms(wr, kw)
+    o = torch.empty_like(w["q"])
+    return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
+
+
 KERNELS = {
     "sglang_triton": k_sglang_triton,
     "fi_decode": k_fi_decode,
     "fi_cascade": k_fi_cascade,
     "relay_triton": k_relay_triton,
     "relay_fi": k_relay_fi,
+    "relay_hybrid": k_relay_hybrid,
 }
 
 
@@ -316,6 +332,12 @@ def timing_configs(quick: bool):
         for b in ([32, 128] if not quick else [32]):
             yield f"{sname} no-sharing 4K B={b}", dict(hq=hq, hkv=hkv, d=d, bs=b, groups_spec=[],
                                                         suffix_lo=4096, suffix_hi=4096)
+        # The serving control's decode step: 128 requests, 128-token prompt + up to 256 generated.
+        yield f"{sname} no-sharing short B=128", dict(hq=hq, hkv=hkv, d=d, bs=128, groups_spec=[],
+                                                       suffix_lo=129, suffix_hi=384)
+        # The serving 8K workload's decode step.
+        yield f"{sname} P=8192 B=128 (serving 8K)", dict(hq=hq, hkv=hkv, d=d, bs=128, groups_spec=[[(0, 128, 8192)]],
+                                                         suffix_lo=129, suffix_hi=384)
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -335,6 +357,13 @@ def correctness_rows(deadline):
     for kind in ("mixed", "nested", "big_group", "no_groups"):
         for hq, hkv in ((32, 32), (32, 8), (32, 4)):
             jobs.append(("flashinfer", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=9)))
+    # The server's default path (FlashInfer suffix decode + Triton prefix parts merged on top).
+    for dtype in (torch.bfloat16, torch.float16):
+        for d in (64, 128, 256):
+            jobs.append(("hybrid", "mixed", dict(hq=32, hkv=8, d=d, dtype=dtype, seed=11 + d)))
+    for kind in ("nested", "big_group", "no_groups"):
+        for hq, hkv in ((32, 32), (32, 4)):
+            jobs.append(("hybrid", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=13)))
     for path, kind, kw in jobs:
         if time.time() > deadline:
             log("correctness: deadline reached, skipping the rest")
@@ -374,19 +403,29 @@ def write_reports(res, out_dir, dev_tag):
                      f"{'yes' if r.get('ok') else 'NO ' + r.get('error', '')[:80]} |")
     ks = list(KERNELS)
     lines += ["", "## Decode attention time per layer (ms, median, CUDA graph, L2 flushed)", "",
-              "| config | floor | " + " | ".join(ks) + " | relay-T % floor | relay-T vs cascade | relay-T vs FI decode | plan ms (T/FI) |",
-              "|---|---|" + "---|" * len(ks) + "---|---|---|---|"]
+              "relay_triton: Triton prefix + Triton suffix + merge. relay_hybrid: the server's default, FlashInfer "
+              "batch decode over each row's suffix + Triton prefix parts merged on top. relay_fi: FlashInfer prefill "
+              "per group + FlashInfer decode + merge. Ratios: the other kernel's time over relay's (> 1: relay faster).",
+              "", "| config | floor | " + " | ".join(ks) + " | T % floor | H % floor | T vs cascade | H vs cascade | "
+              "T vs FI decode | H vs FI decode | plan ms (T/FI/H) |",
+              "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
     for r in res.get("timing", []):
         ms = r["ms"]
 
         def f(x):
             return f"{x:.3f}" if isinstance(x, (int, float)) and x else "fail"
 
-        rt = ms.get("relay_triton")
-        ratio = lambda k: f"{ms[k] / rt:.2f}x" if rt and ms.get(k) else "-"  # noqa: E731
+        def ratio(k, relay):
+            return f"{ms[k] / ms[relay]:.2f}x" if ms.get(relay) and ms.get(k) else "-"
+
+        def frac(relay):
+            return f"{100 * r['frac_floor'].get(relay, 0):.0f}%"
+
+        plan = "/".join(f"{r['plan_ms'].get(k, 0):.2f}" for k in ("relay_triton", "relay_fi", "relay_hybrid"))
         lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | " + " | ".join(f(ms.get(k)) for k in ks) +
-                     f" | {100 * r['frac_floor'].get('relay_triton', 0):.0f}% | {ratio('fi_cascade')} | {ratio('fi_decode')} | "
-                     f"{r['plan_ms'].get('relay_triton', 0):.2f}/{r['plan_ms'].get('relay_fi', 0):.2f} |")
+                     f" | {frac('relay_triton')} | {frac('relay_hybrid')} | {ratio('fi_cascade', 'relay_triton')} | "
+                     f"{ratio('fi_cascade', 'relay_hybrid')} | {ratio('fi_decode', 'relay_triton')} | "
+                     f"{ratio('fi_decode', 'relay_hybrid')} | {plan} |")
     if res.get("variants"):
         lines += ["", "## relay-Triton launch variants", "", "| config | variant | ms |", "|---|---|---|"]
         for v in res["variants"]:

@@ -1,0 +1,31 @@
+#!/bin/bash
+# One GPU-machine call: kernel correctness + per-layer timing (bench/kernels/run.py), then the GPU
+# kernel tests (tests/test_kernels_gpu.py). Run from the repository root with .device carried:
+#   bash bench/kernels/run_device.sh            # results under $OUT (default ./out)
+# Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
+#      PYTEST_K (pytest -k expression, default: all GPU kernel tests).
+T0=$(date +%s)
+cd "$(dirname "$0")/../.." || exit 1
+OUT=${OUT:-./out}
+mkdir -p "$OUT" /tmp/site
+if [ ! -f /tmp/site/.relay_site_stamp ]; then
+  tar -C /tmp/site -xJf .device/site312.tar.xz && touch /tmp/site/.relay_site_stamp
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws PATH=/usr/local/cuda/bin:$PATH
+python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . > "$OUT/pip.log" 2>&1
+# The repository root comes first on sys.path for pytest and the bench (they import tests.*):
+# let its relay_radix/ see the kernels/ and patches/ folders as installed (package-dir mapping).
+ln -sfn ../kernels relay_radix/kernels
+ln -sfn ../patches relay_radix/patches
+python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" \
+  > "$OUT/kernels.log" 2>&1
+echo "bench rc=$? at $(( $(date +%s) - T0 ))s"
+LEFT=$(( 560 - ($(date +%s) - T0) ))
+if [ "$LEFT" -gt 30 ]; then
+  timeout "$LEFT" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} \
+    > "$OUT/kernels-pytest.log" 2>&1
+  echo "pytest rc=$? at $(( $(date +%s) - T0 ))s"
+fi
+tail -3 "$OUT/kernels-pytest.log" 2>/dev/null
+du -sh /tmp/fiws 2>/dev/null  # FlashInfer JIT cache (does it fit in what a call carries?)
+rm -f relay_radix/kernels relay_radix/patches
