@@ -467,3 +467,36 @@ def test_stop_server_ends_the_whole_process_group(fake_driver, tmp_path):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(grandchild, 0)
+
+
+def test_server_log_profile_of_a_burst():
+    """Arrival span, queue and full-batch decode step from SGLang's own log lines (format of
+    0.5.16's scheduler: one Decode line per 40 steps; a step costs running / gen throughput)."""
+    import server_log
+
+    lines = [
+        "[2026-11-23 20:06:34] Prefill batch, #new-seq: 1, #new-token: 8320, #cached-token: 0, token usage: 0.02, "
+        "#running-req: 0, #queue-req: 3, #pending-token: 0, cuda graph: False, input throughput (token/s): 1.0",
+        "[2026-11-23 20:06:36] Prefill batch, #new-seq: 2, #new-token: 256, #cached-token: 16384, token usage: 0.09, "
+        "#running-req: 126, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 8492.22",
+        "[2026-11-23 20:06:37] Decode batch, #running-req: 64, #token: 1, token usage: 0.2, cuda graph: True, "
+        "gen throughput (token/s): 3200.00, #queue-req: 0, relay: groups 1, members 64, shared 8192 tok, KV read 1/2 GB (-50%)",
+        "[2026-11-23 20:06:38] Decode batch, #running-req: 128, #token: 1, token usage: 0.3, cuda graph: True, "
+        "gen throughput (token/s): 8000.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%)",
+        "[2026-11-23 20:06:39] Decode batch, #running-req: 128, #token: 1, token usage: 0.3, cuda graph: True, "
+        "gen throughput (token/s): 6400.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%)",
+        "[2026-11-23 20:06:40] Decode batch, #running-req: 120, #token: 1, token usage: 0.3, cuda graph: True, "
+        "gen throughput (token/s): 10000.00, #queue-req: 0",
+        "[2026-11-23 20:07:30] Decode batch, #running-req: 8, #token: 1, token usage: 0.3, cuda graph: True, "
+        "gen throughput (token/s): 100.00, #queue-req: 0",  # next burst (after a quiet gap)
+    ]
+    text = "\n".join(lines)
+    bursts = server_log.parse(text)
+    assert len(bursts) == 2
+    s = bursts[0].summary()
+    assert (s["admitted"], s["arrival_span_s"], s["max_queue"], s["peak_running"]) == (3, 2.0, 3, 128)
+    # Intervals with >= 0.9 * 128 running: 16 ms, 20 ms, 12 ms per step -> median 16, best 12.
+    assert (s["full_batch_intervals"], s["full_batch_step_ms"], s["best_step_ms"]) == (3, 16.0, 12.0)
+    assert s["relay_shared_tokens"] == [8192]
+    w = server_log.profile_window(text, server_log._epoch("2026-11-23 20:06:38"), server_log._epoch("2026-11-23 20:06:39"))
+    assert w["admitted"] == 0 and w["peak_running"] == 128  # +-1 s: lines of 20:06:37..40

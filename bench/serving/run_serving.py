@@ -475,6 +475,13 @@ class Driver:
         run["wall_s"] = round(time.time() - t, 1)
         if self.a.dry_run:
             return run
+        run["window_utc"] = [round(t, 1), round(time.time(), 1)]
+        server_log = WORK / f"server-{system}.log"
+        if server_log.exists():
+            from server_log import profile_window
+
+            # Arrival span, queue and the decode step at full batch, from the server's own log.
+            run["server_profile"] = profile_window(server_log.read_text(errors="replace"), *run["window_utc"])
         if w.kind == "exact":
             if rc != 0 or not out_file.exists():
                 self.fail(f"{tag}: exactness collection failed, rc={rc}")
