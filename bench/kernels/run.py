@@ -354,16 +354,17 @@ def correctness_rows(deadline):
         for hq, hkv in ((32, 32), (32, 4)):
             for dtype in (torch.bfloat16, torch.float16):
                 jobs.append(("triton", kind, dict(hq=hq, hkv=hkv, d=128, dtype=dtype, seed=7)))
-    for kind in ("mixed", "nested", "big_group", "no_groups"):
-        for hq, hkv in ((32, 32), (32, 8), (32, 4)):
-            jobs.append(("flashinfer", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=9)))
-    # The server's default path (FlashInfer suffix decode + Triton prefix parts merged on top).
+    # The server's default path (FlashInfer suffix decode + Triton prefix parts merged on top),
+    # before the FlashInfer-only path: the run has a deadline.
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128, 256):
             jobs.append(("hybrid", "mixed", dict(hq=32, hkv=8, d=d, dtype=dtype, seed=11 + d)))
     for kind in ("nested", "big_group", "no_groups"):
         for hq, hkv in ((32, 32), (32, 4)):
             jobs.append(("hybrid", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=13)))
+    for kind in ("mixed", "nested", "big_group", "no_groups"):
+        for hq, hkv in ((32, 32), (32, 8), (32, 4)):
+            jobs.append(("flashinfer", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=9)))
     for path, kind, kw in jobs:
         if time.time() > deadline:
             log("correctness: deadline reached, skipping the rest")
