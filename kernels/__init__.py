@@ -2,7 +2,9 @@
 
 Public API:
   * :class:`TritonRelayDecode` / :func:`relay_decode_triton`: Triton path (CPU-testable
-    under ``TRITON_INTERPRET=1``), plan/run with static CUDA-graph buffers.
+    under ``TRITON_INTERPRET=1``), plan/run with static CUDA-graph buffers. With
+    ``external_suffix=True`` (the server's default) it computes only the shared-segment parts
+    and merges them onto a suffix state computed by FlashInfer's paged decode.
   * :class:`FlashInferRelayDecode` / :func:`relay_decode_flashinfer`: FlashInfer 0.6.14 path
     (GPU only; imported lazily so this package imports without FlashInfer).
 See ``README.md`` in this folder for the tensor contract.
