@@ -117,7 +117,7 @@ class TritonRelayDecode:
         # straggler programs), split over the KV heads; never more than the capacity.
         per_head = max(1, self.target_programs // num_kv_heads)
         self.prefix_programs = min(self.max_prefix_work, max(per_head, 1))
-        self.suffix_programs = max(1, min(self.max_suffix_work, per_head))
+        self.suffix_programs = min(self.max_suffix_work, max(per_head, 1))
 
         # One packed int32 table (one H2D copy per plan): views at fixed offsets.
         sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
@@ -273,25 +273,22 @@ class TritonRelayDecode:
             block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"], num_stages=cfg["num_stages_prefix"],
             **common,
         )
-        # Suffix: members are rows themselves (identity table); a row's suffix splits are its
-        # first part slots, so its slot base is row_part_indptr[r].
         if self.external_suffix:
             assert base_lse2 is not None, "external_suffix: pass the suffix state (o, base_lse2)"
-            launch_merge_parts(
-                part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
-                num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
-                base_lse2=base_lse2,
+        else:
+            assert base_lse2 is None, "base_lse2 is for external_suffix objects only"
+            # Suffix: members are rows themselves (identity table); a row's suffix splits are its
+            # first part slots, so its slot base is row_part_indptr[r].
+            launch_segment_attention(
+                kv_indices=self._suffix_kv_indices, rows=self.row_arange, slot_base=self.row_part_indptr,
+                work=self.suffix_work, num_work=self.num_suffix_work, num_programs=self.suffix_programs,
+                block_m=self.suffix_block_m, num_warps=cfg["num_warps_suffix"], num_stages=cfg["num_stages_suffix"],
+                **common,
             )
-            return o
-        launch_segment_attention(
-            kv_indices=self._suffix_kv_indices, rows=self.row_arange, slot_base=self.row_part_indptr,
-            work=self.suffix_work, num_work=self.num_suffix_work, num_programs=self.suffix_programs,
-            block_m=self.suffix_block_m, num_warps=cfg["num_warps_suffix"], num_stages=cfg["num_stages_suffix"],
-            **common,
-        )
         launch_merge_parts(
             part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
             num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
+            base_lse2=base_lse2,
         )
         return o
 

@@ -179,13 +179,9 @@ class RelayAttnBackend(AttentionBackend):
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
             assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
             self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
-            kernel.plan(
-                prefix_kv_indices=prefix_idx, suffix_kv_indices=None, prefix_lens_cpu=prefix_lens,
-                member_indptr_cpu=plan.member_indptr.to(torch.int64), member_rows_cpu=plan.member_rows,
-                suffix_lens_cpu=suffix_lens,
-            )
-            return
-        suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
+            suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
+        else:
+            suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,
@@ -219,14 +215,13 @@ class RelayAttnBackend(AttentionBackend):
         if self._kernel is None:
             o, _ = relay_decode_attention(
                 q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
-        elif self.suffix is not None:
-            o = q3.new_empty((q3.shape[0], hq, dv))
-            lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
-            self.suffix.run(q3, layer, o, lse2)  # o, lse2 <- each row's suffix state
-            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap, base_lse2=lse2)
         else:
             o = q3.new_empty((q3.shape[0], hq, dv))
-            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap)
+            lse2 = None
+            if self.suffix is not None:
+                lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
+                self.suffix.run(q3, layer, o, lse2)  # o, lse2 <- each row's suffix state
+            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap, base_lse2=lse2)
         return o.reshape(-1, hq * dv)
 
 

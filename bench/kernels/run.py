@@ -224,6 +224,15 @@ def _plan_ms(wrapper, kw, n=10):
     return (time.perf_counter() - t) / n * 1e3
 
 
+def _planned(wr, w, **plan_extra):
+    """Plan a relay wrapper for workload ``w``, time its plan(), return (run fn, output, plan ms)."""
+    kw = dict(relay_plan_kwargs(w), **plan_extra)
+    wr.plan(**kw)
+    plan_ms = _plan_ms(wr, kw)
+    o = torch.empty_like(w["q"])
+    return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
+
+
 def k_relay_triton(w, **opts):
     from relay_radix.kernels import TritonRelayDecode
 
@@ -232,11 +241,7 @@ def k_relay_triton(w, **opts):
                            max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
                            max_prefix_tokens=max(1, w["prefix_idx"].numel()),
                            max_suffix_tokens=max(1, w["suffix_idx"].numel()), **opts)
-    kw = relay_plan_kwargs(w)
-    wr.plan(**kw)
-    plan_ms = _plan_ms(wr, kw)
-    o = torch.empty_like(w["q"])
-    return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
+    return _planned(wr, w)
 
 
 def k_relay_fi(w):
@@ -247,11 +252,7 @@ def k_relay_fi(w):
                                max_groups=max(1, len(w["plens"])), max_members=max(1, w["m_rows"].numel()),
                                max_prefix_tokens=max(1, w["prefix_idx"].numel()),
                                max_suffix_tokens=max(1, w["suffix_idx"].numel()))
-    kw = dict(relay_plan_kwargs(w), sm_scale=w["sm_scale"])
-    wr.plan(**kw)
-    plan_ms = _plan_ms(wr, kw)
-    o = torch.empty_like(w["q"])
-    return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
+    return _planned(wr, w, sm_scale=w["sm_scale"])
 
 
 def k_relay_hybrid(w):
@@ -262,11 +263,7 @@ def k_relay_hybrid(w):
     wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, max_bs=max(bs, 256),
                      max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
                      max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1)
-    kw = dict(relay_plan_kwargs(w), sm_scale=w["sm_scale"])
-    wr.plan(**kw)
-    plan_ms = _plan_ms(wr, kw)
-    o = torch.empty_like(w["q"])
-    return (lambda: wr.run(w["q"], w["k"], w["v"], o, sm_scale=w["sm_scale"])), o, plan_ms
+    return _planned(wr, w, sm_scale=w["sm_scale"])
 
 
 KERNELS = {
