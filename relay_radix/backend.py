@@ -74,6 +74,11 @@ class RelayAttnBackend(AttentionBackend):
         self._eager_kernel = None  # larger eager batches
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
+        # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its static
+        # buffers hold (``_relay_plan_key``, set here after plan()); a step with the same key skips
+        # the slot gather and the work-list build. Only with FlashInfer suffixes: the Triton
+        # suffix work changes every step.
+        self.plans_reused = 0
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, manager: "RelayGroupManager") -> None:
@@ -173,15 +178,21 @@ class RelayAttnBackend(AttentionBackend):
         if plan.num_groups > MAX_GROUPS:
             raise RuntimeError(f"relay-radix: {plan.num_groups} groups exceed MAX_GROUPS={MAX_GROUPS}")
         prefix_lens = plan.prefix_lens.to(torch.int64)
-        prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
         kernel = self._kernel = self._kernel_for(bs)
+        key = None
         if kernel is not None and self.suffix is not None:
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
             assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
             self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
             suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
+            if self.config.plan_reuse:
+                key = prefix_plan_key(plan, bs)
+                if getattr(kernel, "_relay_plan_key", None) == key:
+                    self.plans_reused += 1  # the static buffers already hold this plan
+                    return
         else:
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
+        prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,
@@ -189,11 +200,13 @@ class RelayAttnBackend(AttentionBackend):
                 suffix_kv_indptr=_indptr(suffix_lens), suffix_kv_indices=suffix_idx,
             )
             return
+        kernel._relay_plan_key = None  # stale until plan() has written the buffers
         kernel.plan(
             prefix_kv_indices=prefix_idx, suffix_kv_indices=suffix_idx,
             prefix_lens_cpu=prefix_lens, member_indptr_cpu=plan.member_indptr.to(torch.int64),
             member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens,
         )
+        kernel._relay_plan_key = key
 
     def init_forward_metadata_in_graph(self, fb):
         if not fb.forward_mode.is_decode():
@@ -223,6 +236,19 @@ class RelayAttnBackend(AttentionBackend):
                 self.suffix.run(q3, layer, o, lse2)  # o, lse2 <- each row's suffix state
             self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap, base_lse2=lse2)
         return o.reshape(-1, hq * dv)
+
+
+def prefix_plan_key(plan: DecodeRelayPlan, bs: int) -> bytes:
+    """What a kernel's static buffers depend on when suffixes run outside it: the padded batch
+    size and every group's source row, segment and members. Equal keys mean equal slot lists:
+    a group's segment ``[start, end)`` is the pinned tree node's KV, so any member row holds
+    the same slot ids there (the source row may even be reassigned: only a member can be the
+    source). Sequence lengths are not part of it: they change every step and only the
+    suffixes (planned by FlashInfer each step) depend on them."""
+    parts = [torch.tensor([bs, plan.num_groups], dtype=torch.int64)]
+    parts += [t.to(torch.int64).reshape(-1) for t in (
+        plan.prefix_lens, plan.group_start, plan.group_src_pool_idx, plan.member_indptr, plan.member_rows)]
+    return b"|".join(t.numpy().tobytes() for t in parts)
 
 
 def _seq_lens_cpu(fb) -> torch.Tensor:

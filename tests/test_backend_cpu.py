@@ -133,3 +133,79 @@ def test_plan_for_another_batch_is_refused():
     fb = forward_batch(s, batch2, runner)
     with pytest.raises(RuntimeError, match="does not match the batch"):
         relay.init_forward_metadata(fb)
+
+
+class ReferenceSuffixDecode:
+    """CPU stand-in for ``relay_radix.suffix_decode.FlashInferSuffixDecode`` (FlashInfer needs
+    CUDA): the same plan/run contract, each row's suffix state computed by the float64-checked
+    reference (``o`` in q's dtype, LSE in base 2 as FlashInfer returns it)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def plan(self, fb, suffix_start_cpu, suffix_lens_cpu, *, graph):
+        from relay_radix.kv_slots import gather_ranges
+
+        bs = int(suffix_lens_cpu.numel())
+        self.idx = gather_ranges(self.backend.req_to_token, fb.req_pool_indices[:bs], suffix_start_cpu,
+                                 suffix_lens_cpu)
+        self.indptr = torch.zeros(bs + 1, dtype=torch.int64)
+        self.indptr[1:] = torch.cumsum(suffix_lens_cpu.to(torch.int64), 0)
+
+    def run(self, q, layer, out, lse2):
+        import math
+
+        from relay_radix.reference import relay_decode_attention
+
+        pool = self.backend.token_to_kv_pool
+        empty = torch.zeros(1, dtype=torch.int64)
+        o, lse = relay_decode_attention(
+            q, pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id),
+            prefix_kv_indptr=empty, prefix_kv_indices=self.idx[:0], member_indptr=empty,
+            member_rows=empty[:0], suffix_kv_indptr=self.indptr, suffix_kv_indices=self.idx,
+            sm_scale=layer.scaling)
+        out.copy_(o)
+        lse2.copy_(lse / math.log(2.0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; the GPU runs the real kernels")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
+    """The server's CUDA path on the CPU: Triton relay kernel (interpreter) merging prefix parts
+    onto an external suffix state. With RELAY_RADIX_PLAN_REUSE a step whose groups, members and
+    source rows are unchanged skips the gather and the work-list build; outputs must still
+    equal torch_native every step, through finishes, arrivals and group changes."""
+    from relay_radix.kernels.triton_relay import TritonRelayDecode
+
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, gate=False,
+                      plan_reuse=reuse)
+    s = MiniScheduler(num_q_heads=4, num_kv_heads=2, head_dim=32, relay_config=cfg)
+    runner, relay, native = make_backends(s)
+    relay.config = cfg
+    relay.suffix = ReferenceSuffixDecode(relay)
+    kernel = TritonRelayDecode(4, 2, 32, s.dtype, "cpu", external_suffix=True, max_bs=16, max_groups=4,
+                               max_members=32, max_prefix_tokens=2048, max_suffix_tokens=0)
+    relay._kernel_for = lambda bs: kernel
+    attn_layers = layers(s)[:2]
+    gen = torch.Generator().manual_seed(3)
+    system, fewshot = words(1, 300), words(2, 100)
+    s.prefill([s.new_req(system + fewshot + words(3, 9))])
+    s.prefill([s.new_req(system + fewshot + words(10 + i, 7)) for i in range(2)]
+              + [s.new_req(system + words(20 + i, 11)) for i in range(2)])
+    groups_seen = set()
+    for step in range(6):
+        err = decode_and_compare(s, runner, relay, native, attn_layers, gen)
+        assert err < 1e-4, (step, err)
+        groups_seen.add(relay.plan.num_groups)
+        if step == 2:
+            s.finish(s.running[-1])  # membership changes: the next step must re-plan
+        if step == 3:
+            s.prefill([s.new_req(system + fewshot + words(40, 5))])  # an arrival joins both groups
+    assert max(groups_seen) >= 2  # nested groups were relayed
+    if reuse:
+        # Steps 1-2 repeat step 0's groups; steps 4 and 5 differ (a finish, then an arrival).
+        assert relay.plans_reused >= 2
+    else:
+        assert relay.plans_reused == 0
+    for r in list(s.running):
+        s.finish(r)

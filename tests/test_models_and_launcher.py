@@ -242,6 +242,13 @@ def test_dry_run_prints_every_command(capsys, tmp_path):
     assert "relay_radix.launch_server --model-path relay-radix/llama2-7b-mha --attention-backend relay" in out
     assert "sglang.launch_server --model-path /tmp/relay_models/llama2-7b-mha --load-format dummy " \
            "--attention-backend flashinfer" in out
+    rc = run_serving.main(["--dry-run", "--systems", "vanilla,triton,relay-eager", "--workloads", "exact,gsp8k_c128",
+                           "--out", str(tmp_path / "out")])
+    refs = capsys.readouterr().out
+    assert rc == 0
+    assert "--attention-backend triton" in refs and "--tag llama2-7b-mha/triton/gsp8k_c128" in refs
+    assert "--attention-backend relay --radix-cache-backend relay --disable-cuda-graph" in refs
+    assert "relay-eager-exact.jsonl" in refs and "relay-eager-gsp8k" not in refs
     for system in ("relay", "vanilla"):
         for name in run_serving.PRESETS["all"]:
             assert f"--tag llama2-7b-mha/{system}/{name}" in out or f"/{system}-{name}" in out
@@ -303,11 +310,45 @@ def test_summarize_results_json_with_rate_search_and_plots(tmp_path):
     src.write_text(json.dumps(call))
     assert summarize.main([str(src), "--out-dir", str(tmp_path)]) == 0
     md = (tmp_path / "serving-h200.md").read_text()
-    assert "| relay | 25.0 | 16 -> 14.0 | 16 (highest tried) |" in md
-    assert "| vanilla | 25.0 | 8 -> 22.0, 16 -> 40.0 (fail) | 8 |" in md
+    assert "| 2026-11-24 | relay | 25.0 | 16 -> 14.0 | 16 (highest tried) |" in md
+    assert "| 2026-11-24 | vanilla | 25.0 | 8 -> 22.0, 16 -> 40.0 (fail) | 8 |" in md
+    assert ("All points of these calls together (same SLO): 2.0x at the grid's points (16 vs 8 req/s); "
+            "at least 1.0x (relay passes 16, vanilla fails 16); relay passed the highest rate tried") in md
     assert "ERROR: something broke" in md
     assert (tmp_path / f"serving-h200-{m}.png").stat().st_size > 0
     assert (tmp_path / f"serving-h200-{m}-rate.png").stat().st_size > 0
+
+
+def test_rate_searches_of_two_calls_merge_into_one_bracket():
+    point = lambda rate, ok: {"rate": rate, "p99_tpot_ms": 1.0, "pass": ok}  # noqa: E731
+    call_a = {"relay": {"slo_p99_tpot_ms": 40.0, "tried": [point(16, True), point(32, False)]},
+              "vanilla": {"slo_p99_tpot_ms": 40.0, "tried": [point(8, True), point(16, False)]}}
+    call_b = {"relay": {"slo_p99_tpot_ms": 40.0, "tried": [point(20, True), point(24, True), point(32, False)]},
+              "vanilla": {"slo_p99_tpot_ms": 40.0, "tried": [point(12, False), point(20, False)]}}
+    merged = summarize.merge_rate_searches([call_a, call_b])
+    assert merged["relay"]["sustainable_rate"] == 24 and merged["vanilla"]["sustainable_rate"] == 8
+    assert summarize.rate_ratio_bound(merged) == (
+        "3.0x at the grid's points (24 vs 8 req/s); at least 2.0x (relay passes 24, vanilla fails 12); "
+        "at most 4.0x (relay fails 32, vanilla passes 8)")
+    # A pass above a failure (noise) does not count: passing is taken as monotone in the rate.
+    noisy = summarize.merge_rate_searches([{"relay": {"slo_p99_tpot_ms": 40.0, "tried": [
+        point(8, True), point(16, False), point(24, True)]}}])
+    assert noisy["relay"]["sustainable_rate"] == 8
+    with pytest.raises(ValueError, match="different SLOs"):
+        summarize.merge_rate_searches([call_a, {"relay": {"slo_p99_tpot_ms": 25.0, "tried": []}}])
+
+
+def test_gpu_util_in_window(tmp_path):
+    import datetime as dt
+
+    t = 1_800_000_000.0
+    rows = [(t + 0.1 * i, u) for i, u in enumerate([0, 50, 100, 100, 80, 0])]
+    lines = [f"{dt.datetime.fromtimestamp(ts).strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]}, {u}" for ts, u in rows]
+    path = tmp_path / "u.csv"
+    path.write_text("\n".join(lines + ["[N/A], x", ""]))
+    got = run_serving.gpu_util_in_window(path, t - 1, t + 0.45)  # the last sample is outside
+    assert got == {"samples": 5, "mean": 66.0, "mean_busy": 82.5, "share_below_90": 0.5}
+    assert run_serving.gpu_util_in_window(path, t + 10, t + 20)["mean"] is None
 
 
 # ------------------------------------------------------- driver end to end against a fake server
@@ -436,6 +477,58 @@ def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| nested_c128 |" in md and "| frontend8k |" in md
     assert len(list((tmp_path / "out").iterdir())) <= 8  # what the device sends back
+
+
+def test_driver_reference_systems_run_only_their_workloads(fake_driver, tmp_path):
+    d = fake_driver("--systems", "vanilla,relay,triton,relay-eager", "--workloads", "ctrl_c128,gsp8k_c128",
+                    "--budget-s", "3000")
+    assert d.main() == 0, d.results["errors"]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    ran = [(r["system"], r["workload"]) for r in res["runs"]]
+    # twins first (vanilla, relay: both workloads), then triton's reference row only; relay-eager
+    # runs only the exactness workload, which this call did not ask for: recorded as skipped.
+    assert ran == [("vanilla", "ctrl_c128"), ("vanilla", "gsp8k_c128"), ("relay", "ctrl_c128"),
+                   ("relay", "gsp8k_c128"), ("triton", "gsp8k_c128")]
+    assert any(s.startswith("relay-eager: none of ['exact']") for s in res["skipped"])
+    assert set(res["server_start_s"]) == {"vanilla", "relay", "triton"}
+    md = (tmp_path / "out" / "summary.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128 | SGLang as shipped with its Triton"))
+    assert row.count("|") == 10
+
+
+def test_jit_cache_round_trip(fake_driver, tmp_path, monkeypatch):
+    """--save-jit-cache packs FlashInfer's compiled modules (module .so only) and Triton's cache;
+    a later call installs them as FlashInfer AOT modules of the site."""
+    ws, site, triton_cache = tmp_path / "fiws", tmp_path / "site", tmp_path / "triton-cache"
+    ops = ws / ".cache/flashinfer/0.6.14/90a/cached_ops"
+    for name in ("batch_decode_a", "batch_prefill_b"):
+        (ops / name).mkdir(parents=True)
+        (ops / name / f"{name}.so").write_bytes(name.encode() * 100)
+        (ops / name / "kernel.cuda.o").write_bytes(b"o" * 100)  # build objects stay behind
+    (triton_cache / "abc").mkdir(parents=True)
+    (triton_cache / "abc" / "k.cubin").write_bytes(b"cubin")
+    for attr, val in (("FLASHINFER_WS", ws), ("SITE", site), ("TRITON_CACHE", triton_cache)):
+        monkeypatch.setattr(run_serving, attr, val)
+    d = fake_driver("--save-jit-cache")
+    run_serving.WORK.mkdir()
+    d.out.mkdir(parents=True)
+    d.save_jit_cache()
+    tar_path = d.out / "jit-cache.tar.xz"
+    with tarfile.open(tar_path) as tar:
+        names = set(tar.getnames())
+    assert {"aot/batch_decode_a/batch_decode_a.so", "aot/batch_prefill_b/batch_prefill_b.so",
+            "triton/abc/k.cubin"} <= names
+    assert not any(n.endswith(".o") for n in names)
+    assert set(d.results["jit_cache_saved"]["modules"]) == {"batch_decode_a.so", "batch_prefill_b.so"}
+    import shutil
+
+    shutil.rmtree(triton_cache)
+    monkeypatch.setattr(run_serving, "JIT_CACHE_TAR", tar_path)
+    d.install_jit_cache()
+    so = site / "flashinfer/data/aot/batch_prefill_b/batch_prefill_b.so"
+    assert so.read_bytes() == b"batch_prefill_b" * 100
+    assert (triton_cache / "abc" / "k.cubin").read_bytes() == b"cubin"
+    assert d.results["jit_cache_installed"] == ["batch_decode_a", "batch_prefill_b"]
 
 
 def test_driver_detects_server_death(fake_driver, tmp_path):

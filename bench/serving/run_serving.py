@@ -7,9 +7,18 @@ project into it (so the ``sglang.srt.plugins`` entry point exists); materialize 
 model; then for each system (relay first, then vanilla): start the server, wait for
 ``/health`` (deadline, death detected), warm it with a few requests (FlashInfer JIT, relay
 groups), run ``python -m sglang.benchmark.serving`` (or the frontend program) for each
-workload under ``timeout``, stop the server. Vanilla runs only the workloads that relay ran,
-so every number has its twin. Everything lands in ``$OUT`` (default ./out):
-``results.json`` (all configs, commands, parsed results), ``summary.md``, ``logs.tar.gz``.
+workload under ``timeout``, stop the server. The second of relay/vanilla runs only the
+workloads that the first one ran, so every number has its twin. Reference systems
+(``REFERENCE_ONLY``: SGLang's Triton backend, relay with eager decode) run after them, only
+their own workloads, and only where vanilla has the twin. Everything lands in ``$OUT``
+(default ./out): ``results.json`` (all configs, commands, parsed results), ``summary.md``,
+``logs.tar.gz`` and, with ``--save-jit-cache``, ``jit-cache.tar.xz``.
+
+JIT cache: a fresh machine spends ~200 s compiling FlashInfer's kernels with nvcc before the
+first server is healthy. ``--save-jit-cache`` packs the compiled FlashInfer modules (``.so``
+only) and Triton's cache into ``$OUT/jit-cache.tar.xz``; put that file at
+``.device/jit-cache.tar.xz`` and later calls install the modules as FlashInfer AOT modules
+(``flashinfer/data/aot/<name>/<name>.so``, loaded without a build) and seed Triton's cache.
 
 Time: the call must end inside the device's 10-minute limit, so the driver keeps a deadline
 (``--budget-s`` from the wrapper's start) and skips a relay workload unless its vanilla twin
@@ -54,6 +63,20 @@ DEFAULT_SLO_MS = {"llama2-7b-mha": 40.0, "llama3-8b-gqa": 25.0}
 # The second server of a call starts with FlashInfer's JIT cache warm (~60 s measured, 163 s
 # fresh); with its warm-up and the first server's stop, reserve this much for it.
 SECOND_SERVER_EST_S = 110
+TRITON_CACHE = Path("/tmp/triton-cache")
+JIT_CACHE_TAR = REPO / ".device" / "jit-cache.tar.xz"
+
+# The systems a call can start. relay and vanilla are twins: the second runs what the first
+# ran. The others are references that run only the workloads named here, after the twins.
+SYSTEMS = {
+    "relay": "relay-radix: --attention-backend relay (Triton prefix + FlashInfer suffix), decode CUDA graphs",
+    "vanilla": "SGLang as shipped: --attention-backend flashinfer, radix cache on",
+    "triton": "SGLang as shipped with its Triton attention backend (reference row)",
+    "relay-eager": "relay with --disable-cuda-graph: every decode step on the eager path",
+}
+REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"}}
+# Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
+EST_FACTOR = {"triton": 3.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +119,7 @@ WORKLOADS = {w.name: w for w in [
              40, 8192),
     Workload("exact", "exact", "exactness: 64 concurrent greedy requests, 4K prompt + 2 few-shot blocks, "
              "32 tokens with top-5 logprobs", 25, 4096, fewshot_len=512, per_group=64, conc=64),
-    Workload("rate8k", "rate", "8K shared prompt, Poisson arrivals: highest rate with p99 TPOT <= SLO", 80, 8192,
+    Workload("rate8k", "rate", "8K shared prompt, Poisson arrivals: highest rate with p99 TPOT <= SLO", 140, 8192,
              conc=None, control="ctrl_c128"),
 ]}
 # Each preset fits one device call (~9 min) with both systems on a fresh machine (~4 min of it
@@ -128,7 +151,7 @@ def select_workloads(spec: str) -> list[Workload]:
 def rate_num_requests(rate: float) -> int:
     """Requests of one rate point: ~8 s of arrivals, longer than a request's life at the SLO
     (256 tokens x 20-40 ms), so the running batch reaches its steady size."""
-    return int(min(256, max(32, round(rate * 8))))
+    return int(min(512, max(32, round(rate * 8))))
 
 
 def next_rate(rates: list[float], results: dict[float, bool]) -> float | None:
@@ -192,12 +215,34 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
 def server_cmd(system: str, model: str, model_dir: str, port: int, relay_flags: list[str],
                extra: list[str]) -> list[str]:
     common = COMMON_SERVER_ARGS + ["--host", "127.0.0.1", "--port", str(port)] + extra
-    if system == "relay":  # through our launcher: resolves the model name, adds relay flags
+    if system in ("relay", "relay-eager"):  # through our launcher: resolves the model name, adds relay flags
+        eager = ["--disable-cuda-graph"] if system == "relay-eager" else []
         return [sys.executable, "-m", "relay_radix.launch_server", "--model-path",
                 f"relay-radix/{model}", "--attention-backend", "relay",
-                "--radix-cache-backend", "relay"] + relay_flags + common
+                "--radix-cache-backend", "relay"] + relay_flags + eager + common
+    backend = {"vanilla": "flashinfer", "triton": "triton"}[system]
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir,
-            "--load-format", "dummy", "--attention-backend", "flashinfer"] + common
+            "--load-format", "dummy", "--attention-backend", backend] + common
+
+
+def gpu_util_in_window(csv_path: Path, t0: float, t1: float) -> dict:
+    """Mean GPU utilization (nvidia-smi ``timestamp, utilization.gpu`` lines, local time) over
+    ``[t0, t1]`` (epoch seconds) and over its busy part (samples above 0%: the client's start
+    and the drain's tail are idle for both systems alike)."""
+    vals = []
+    for line in csv_path.read_text(errors="replace").splitlines():
+        stamp, _, util = line.partition(",")
+        try:
+            ts = _dt.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            u = float(util)
+        except ValueError:
+            continue
+        if t0 <= ts <= t1:
+            vals.append(u)
+    busy = [v for v in vals if v > 0]
+    mean = lambda xs: round(sum(xs) / len(xs), 1) if xs else None  # noqa: E731
+    return {"samples": len(vals), "mean": mean(vals), "mean_busy": mean(busy),
+            "share_below_90": round(sum(v < 90 for v in busy) / len(busy), 3) if busy else None}
 
 
 def check_input_tokens(expected: int, got: int | None) -> tuple[bool, float | None]:
@@ -222,10 +267,16 @@ class Driver:
         self.workloads = select_workloads(a.workloads)
         # In the order given: vanilla first compiles FlashInfer's JIT kernels (decode and
         # prefill) for both servers of the call; relay first measures relay for sure.
-        self.systems = [s for s in dict.fromkeys(a.systems.split(",")) if s in ("relay", "vanilla")]
+        asked = list(dict.fromkeys(x for x in a.systems.split(",") if x))
+        unknown = [x for x in asked if x not in SYSTEMS]
+        if unknown:
+            raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+        self.systems = [x for x in asked if x not in REFERENCE_ONLY]  # the twins
+        self.references = [x for x in asked if x in REFERENCE_ONLY]
         self.env = dict(os.environ)
         self.model_dir = str(MODEL_CACHE / self.model)
         self.server = None
+        self.util_proc = None  # nvidia-smi sampler (--gpu-util)
         self.current = ""  # system whose server is (or was last) running
         self.results: dict = {
             "model": self.model, "workloads_requested": a.workloads,
@@ -235,7 +286,7 @@ class Driver:
             "output_len": OUTPUT_LEN, "workloads": {w.name: dataclasses.asdict(w) for w in self.workloads},
             "server_cmds": {}, "server_env": {}, "server_start_s": {}, "warmup_s": {},
             "server_info": {}, "server_log_errors": {}, "runs": [], "rate_search": {},
-            "skipped": [], "errors": [],
+            "systems": {x: SYSTEMS[x] for x in asked}, "skipped": [], "errors": [],
         }
 
     # ---------------------------------------------------------------- helpers
@@ -290,7 +341,7 @@ class Driver:
     def setup(self) -> None:
         a = self.a
         self.env.update(PYTHONPATH=str(SITE), PYTHONUNBUFFERED="1", FLASHINFER_WORKSPACE_BASE=str(FLASHINFER_WS),
-                        RELAY_RADIX_MODEL_CACHE=str(MODEL_CACHE),
+                        RELAY_RADIX_MODEL_CACHE=str(MODEL_CACHE), TRITON_CACHE_DIR=str(TRITON_CACHE),
                         PATH="/usr/local/cuda/bin:" + os.environ.get("PATH", ""))
         if not a.dry_run:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +374,8 @@ class Driver:
                 log=WORK / "pip-install.log")
         if str(SITE) not in sys.path:
             sys.path.insert(0, str(SITE))
+        if JIT_CACHE_TAR.exists():
+            self.install_jit_cache()
         self.sh([sys.executable, "-c", "import sys; from relay_radix.models import materialize; "
                  f"print(materialize({self.model!r}, {str(MODEL_CACHE)!r}))"], timeout=120,
                 log=WORK / "materialize.log")
@@ -335,6 +388,13 @@ class Driver:
             from relay_radix.models import load_config
 
             self.results["model_config"] = load_config(self.model)
+        if a.gpu_util and not a.dry_run:
+            # Kernel-busy share of the GPU, sampled by the driver: a decode loop that waits on the
+            # host (CPU-bound steps) shows as utilization below ~100% while requests decode.
+            self.util_log = open(WORK / "gpu-util.csv", "w")
+            self.util_proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=self.util_log, stderr=subprocess.DEVNULL, start_new_session=True)
         if any(w.kind == "nested" for w in self.workloads):
             w = WORKLOADS["nested_c128"]
             self.sh([sys.executable, str(HERE / "nested_dataset.py"), "--model", self.model,
@@ -342,6 +402,44 @@ class Driver:
                      "--num-groups", str(w.groups), "--fewshot-len", str(w.fewshot_len),
                      "--per-group", str(w.per_group), "--question-len", str(QUESTION_LEN)], timeout=120,
                     log=WORK / "nested-dataset.log")
+
+    def install_jit_cache(self) -> None:
+        """Unpack ``.device/jit-cache.tar.xz``: FlashInfer modules as AOT modules of the site's
+        flashinfer (loaded without nvcc), Triton's cache as the servers' TRITON_CACHE_DIR."""
+        aot = SITE / "flashinfer" / "data" / "aot"
+        self.sh(["mkdir", "-p", str(aot), str(TRITON_CACHE)], timeout=10)
+        stage = WORK / "jit-cache"
+        self.sh(["rm", "-rf", str(stage)], timeout=30)
+        self.sh(["mkdir", "-p", str(stage)], timeout=10)
+        self.sh(["tar", "-C", str(stage), "-xJf", str(JIT_CACHE_TAR)], timeout=120)
+        self.sh(["cp", "-a", f"{stage}/aot/.", str(aot)], timeout=60, check=False)
+        self.sh(["cp", "-a", f"{stage}/triton/.", str(TRITON_CACHE)], timeout=60, check=False)
+        if not self.a.dry_run:
+            mods = sorted(p.name for p in aot.iterdir() if p.is_dir())
+            self.results["jit_cache_installed"] = mods
+            self.log(f"jit cache: {len(mods)} FlashInfer modules installed as AOT")
+
+    def save_jit_cache(self) -> None:
+        """``$OUT/jit-cache.tar.xz``: every FlashInfer module compiled in this call (``.so``) and
+        Triton's cache (see the module docstring)."""
+        if self.a.dry_run:
+            return
+        stage = WORK / "jit-pack"
+        subprocess.run(["rm", "-rf", str(stage)])
+        (stage / "aot").mkdir(parents=True)
+        for so in FLASHINFER_WS.glob(".cache/flashinfer/*/*/cached_ops/*/*.so"):
+            if so.stem == so.parent.name:
+                (stage / "aot" / so.parent.name).mkdir(exist_ok=True)
+                subprocess.run(["cp", str(so), str(stage / "aot" / so.parent.name / so.name)])
+        if TRITON_CACHE.exists():
+            subprocess.run(["cp", "-a", str(TRITON_CACHE), str(stage / "triton")])
+        tar = self.out / "jit-cache.tar.xz"
+        subprocess.run(["tar", "-C", str(stage), "-cJf", str(tar), "aot"] + (["triton"] if (stage / "triton").exists() else []),
+                       env=dict(os.environ, XZ_OPT="-9 -T0"))
+        sizes = {p.name: p.stat().st_size for p in (stage / "aot").glob("*/*.so")}
+        self.results["jit_cache_saved"] = {"bytes": tar.stat().st_size if tar.exists() else None, "modules": sizes}
+        self.log(f"jit cache saved: {tar.stat().st_size if tar.exists() else 0} bytes, {len(sizes)} modules "
+                 f"({sum(sizes.values())} bytes of .so)")
 
     # ----------------------------------------------------------------- server
     def start_server(self, system: str) -> bool:
@@ -352,7 +450,7 @@ class Driver:
                 relay_flags += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
         cmd = server_cmd(system, self.model, self.model_dir, a.port, relay_flags, shlex.split(a.server_args))
         env = dict(self.env)
-        if system == "vanilla" and not a.vanilla_plugins:
+        if system in ("vanilla", "triton") and not a.vanilla_plugins:
             env["SGLANG_PLUGINS"] = "none"  # whitelist naming no plugin: SGLang exactly as shipped
         self.results["server_cmds"][system] = shlex.join(cmd)
         self.results["server_env"][system] = {k: v for k, v in env.items()
@@ -467,7 +565,7 @@ class Driver:
         log = WORK / f"{system}-{label}.log"
         cmd = bench_cmd(w, port=self.a.port, model_dir=self.model_dir, out_file=out_file, tag=tag,
                         dataset_path=WORK / "nested.data", rate=rate)
-        timeout = min(timeout or 3 * w.est_s + 30, self.left() - 15)
+        timeout = min(timeout or 3 * self.est(system, w) + 30, self.left() - 15)
         run = {"system": system, "workload": w.name, "rate": rate, "cmd": shlex.join(cmd),
                "timeout_s": round(timeout), "tag": tag}
         t = time.time()
@@ -476,6 +574,8 @@ class Driver:
         if self.a.dry_run:
             return run
         run["window_utc"] = [round(t, 1), round(time.time(), 1)]
+        if self.util_proc is not None:
+            run["gpu_util"] = gpu_util_in_window(WORK / "gpu-util.csv", *run["window_utc"])
         server_log = WORK / f"server-{system}.log"
         if server_log.exists():
             from server_log import profile_window
@@ -488,11 +588,13 @@ class Driver:
             else:
                 self.results.setdefault("exact_raw", {})[system] = json.loads(out_file.read_text())
                 raw = self.results["exact_raw"]
-                if {"relay", "vanilla"} <= raw.keys():
-                    from exactness import compare
+                from exactness import compare
 
-                    self.results["exactness"] = compare(raw["vanilla"], raw["relay"])
-                    self.log(f"exactness relay vs vanilla: {self.results['exactness']}")
+                for other in [x for x in raw if x != "vanilla" and "vanilla" in raw]:
+                    # "exactness" is relay's; the other systems' go under "exactness_<system>".
+                    key = "exactness" if other == "relay" else f"exactness_{other}"
+                    self.results[key] = compare(raw["vanilla"], raw[other])
+                    self.log(f"{key}: {other} vs vanilla: {self.results[key]}")
             self.results["runs"].append(run)
             self.save()
             return run
@@ -551,9 +653,25 @@ class Driver:
         self.log(f"{system} sustainable rate (p99 TPOT <= {slo} ms): {search['sustainable_rate']} req/s")
         self.save()
 
-    def vanilla_cost(self, names: list[str]) -> float:
-        """Time the second system of the call needs for ``names`` (its twin runs)."""
-        return (SECOND_SERVER_EST_S + sum(WORKLOADS[n].est_s for n in names)) if len(self.systems) > 1 else 0
+    @staticmethod
+    def est(system: str, w: Workload) -> float:
+        return w.est_s * EST_FACTOR.get(system, 1.0)
+
+    def reference_todo(self, system: str, twins_ran: list[str]) -> list[Workload]:
+        """A reference system's workloads: its own (REFERENCE_ONLY) among those asked, where
+        vanilla has (or will have) the twin run."""
+        return [w for w in self.workloads if w.name in REFERENCE_ONLY[system] and w.name in twins_ran]
+
+    def later_cost(self, system: str, names: list[str]) -> float:
+        """Time the systems after ``system`` need if it runs ``names``: the twin's runs, then
+        the references' (each with a server start)."""
+        if system != self.systems[0]:
+            later = []
+        else:
+            later = [(s, names) for s in self.systems[1:]]
+        if system in self.systems:
+            later += [(r, [w.name for w in self.reference_todo(r, names)]) for r in self.references]
+        return sum(SECOND_SERVER_EST_S + sum(self.est(s, WORKLOADS[n]) for n in ns) for s, ns in later if ns)
 
     def run_system(self, system: str, todo: list[Workload]) -> list[str]:
         """Start ``system``, run ``todo`` within the budget, stop. Returns the workloads that ran."""
@@ -564,9 +682,10 @@ class Driver:
             return done
         try:
             for w in todo:
-                reserve = self.vanilla_cost(done + [w.name]) if system == self.systems[0] else 0
-                if not self.a.dry_run and self.left() < w.est_s + reserve + 20:
-                    msg = f"{system}/{w.name}: skipped, {self.left():.0f}s left < {w.est_s + reserve + 20}s needed"
+                reserve = self.later_cost(system, done + [w.name])
+                need = self.est(system, w) + reserve + 20
+                if not self.a.dry_run and self.left() < need:
+                    msg = f"{system}/{w.name}: skipped, {self.left():.0f}s left < {need:.0f}s needed"
                     self.results["skipped"].append(msg)
                     self.log(msg)
                     continue
@@ -590,6 +709,7 @@ class Driver:
         try:
             self.setup()
             todo = self.workloads
+            twins_ran = [w.name for w in todo]
             for system in self.systems:
                 ran = self.run_system(system, todo)
                 if system == self.systems[0] and len(self.systems) > 1:
@@ -598,11 +718,28 @@ class Driver:
                         break
                     if not self.a.dry_run:
                         todo = [w for w in todo if w.name in ran] or (todo if self.a.keep_going else [])
+                if system == "vanilla" and not self.a.dry_run:
+                    twins_ran = ran
+            for system in self.references:
+                refs = self.reference_todo(system, twins_ran)
+                if not refs:
+                    self.results["skipped"].append(f"{system}: none of {sorted(REFERENCE_ONLY[system])} "
+                                                   "ran on vanilla in this call")
+                    continue
+                if not self.a.dry_run and self.left() < SECOND_SERVER_EST_S + sum(self.est(system, w) for w in refs):
+                    self.results["skipped"].append(f"{system}: budget")
+                    self.log(f"{system}: skipped, {self.left():.0f}s left")
+                    continue
+                self.run_system(system, refs)
         except BaseException as e:  # KeyboardInterrupt / SIGTERM too: keep what was measured
             self.fail(f"driver stopped: {e!r}")
             if self.server is not None:
                 self.stop_server(self.current)
         finally:
+            if self.util_proc is not None:
+                self.util_proc.terminate()
+            if self.a.save_jit_cache:
+                self.save_jit_cache()
             self.results["total_s"] = round(time.time() - self.t0, 1)
             self.save()
             self.pack_logs()
@@ -617,7 +754,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  epilog="presets: " + "; ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items()))
     ap.add_argument("--model", default="llama2-7b-mha", choices=sorted(DEFAULT_SLO_MS))
     ap.add_argument("--workloads", default="core", help="comma list of presets and workload names")
-    ap.add_argument("--systems", default="relay,vanilla")
+    ap.add_argument("--systems", default="relay,vanilla",
+                    help="comma list, in start order: " + "; ".join(f"{k}: {v}" for k, v in SYSTEMS.items()))
     ap.add_argument("--out", default=os.environ.get("OUT", "./out"))
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--budget-s", type=float, default=555,
@@ -632,6 +770,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=list(DEFAULT_RATES))
     ap.add_argument("--vanilla-plugins", action="store_true", help="let vanilla load SGLang plugins too")
     ap.add_argument("--keep-going", action="store_true", help="run vanilla even if relay ran nothing")
+    ap.add_argument("--gpu-util", action="store_true",
+                    help="sample nvidia-smi utilization every 100 ms; each run gets its window's mean")
+    ap.add_argument("--save-jit-cache", action="store_true",
+                    help="pack the compiled FlashInfer modules and Triton's cache into $OUT/jit-cache.tar.xz")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = ap.parse_args(argv)
     if a.slo_ms is None:

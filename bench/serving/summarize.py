@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from run_serving import WORKLOADS, check_input_tokens  # noqa: E402  (stdlib-only module)
+from run_serving import SYSTEMS as ALL_SYSTEMS  # noqa: E402  (stdlib-only module)
+from run_serving import WORKLOADS, check_input_tokens  # noqa: E402
 
-SYSTEMS = ("relay", "vanilla")
+SYSTEMS = ("relay", "vanilla")  # the twins of the main table
+REFERENCES = tuple(s for s in ALL_SYSTEMS if s not in SYSTEMS)
 
 
 def device_slug(device: str | None) -> str:
@@ -34,7 +36,7 @@ def device_slug(device: str | None) -> str:
 def parse_tag(tag: str | None) -> tuple[str, str, str, float | None] | None:
     """``llama2-7b-mha/relay/rate8k@16`` -> (model, system, workload, 16.0); None if not ours."""
     parts = (tag or "").split("/")
-    if len(parts) != 3 or parts[1] not in SYSTEMS:
+    if len(parts) != 3 or parts[1] not in ALL_SYSTEMS:
         return None
     workload, _, rate = parts[2].partition("@")
     return parts[0], parts[1], workload, float(rate) if rate else None
@@ -110,6 +112,48 @@ def _input_note(runs: dict) -> str:
     return "; ".join(notes) or "exact"
 
 
+def merge_rate_searches(searches: list[dict]) -> dict:
+    """One search per system from several calls' points (passing is monotone in the rate):
+    sustainable = the highest passing rate below every failing one."""
+    merged: dict = {}
+    for search in searches:
+        for system, s in search.items():
+            m = merged.setdefault(system, {"slo_p99_tpot_ms": s.get("slo_p99_tpot_ms"), "tried": []})
+            if m["slo_p99_tpot_ms"] != s.get("slo_p99_tpot_ms"):
+                raise ValueError(f"{system}: rate searches with different SLOs cannot be merged")
+            m["tried"] += s.get("tried", [])
+    for m in merged.values():
+        fails = [t["rate"] for t in m["tried"] if not t["pass"]]
+        lowest_fail = min(fails, default=float("inf"))
+        good = [t["rate"] for t in m["tried"] if t["pass"] and t["rate"] < lowest_fail]
+        m["sustainable_rate"] = max(good, default=None)
+        m["bounded_above"] = bool(fails)
+    return merged
+
+
+def rate_ratio_bound(search: dict) -> str | None:
+    """relay / vanilla sustainable rate from one call's search, as the grid allows: passing is
+    monotone in the rate, so the true ratio is at least relay's highest pass over vanilla's
+    lowest failure (and at most the reverse bracket when both are bounded)."""
+    r, v = search.get("relay"), search.get("vanilla")
+    if not r or not v or not r.get("sustainable_rate"):
+        return None
+    r_pass = r["sustainable_rate"]
+    v_fail = min((t["rate"] for t in v.get("tried", []) if not t["pass"]), default=None)
+    v_pass = v.get("sustainable_rate")
+    parts = []
+    if v_pass:
+        parts.append(f"{r_pass / v_pass:.1f}x at the grid's points ({r_pass:g} vs {v_pass:g} req/s)")
+    if v_fail:
+        parts.append(f"at least {r_pass / v_fail:.1f}x (relay passes {r_pass:g}, vanilla fails {v_fail:g})")
+    r_fail = min((t["rate"] for t in r.get("tried", []) if not t["pass"]), default=None)
+    if r_fail and v_pass:
+        parts.append(f"at most {r_fail / v_pass:.1f}x (relay fails {r_fail:g}, vanilla passes {v_pass:g})")
+    if not r.get("bounded_above"):
+        parts.append("relay passed the highest rate tried")
+    return "; ".join(parts) or None
+
+
 def markdown(calls: list[dict]) -> str:
     table = index(calls)
     models = sorted({k[0] for k in table if k[0]})
@@ -123,10 +167,12 @@ def markdown(calls: list[dict]) -> str:
             out.append(f"  - ERROR: {msg}")
         for msg in call.get("skipped", []):
             out.append(f"  - skipped: {msg}")
-        if ex := call.get("exactness"):
-            out.append(f"  - exactness (relay vs vanilla, greedy, same prompts): {ex['identical_greedy']}/"
-                       f"{ex['requests']} identical outputs, max |logprob diff| chosen "
-                       f"{ex['max_abs_logprob_diff_chosen']:.3g}, top-k {ex['max_abs_logprob_diff_topk']:.3g}")
+        for system in ("relay",) + REFERENCES:
+            ex = call.get("exactness" if system == "relay" else f"exactness_{system}")
+            if ex:
+                out.append(f"  - exactness ({system} vs vanilla, greedy, same prompts): {ex['identical_greedy']}/"
+                           f"{ex['requests']} identical outputs, max |logprob diff| chosen "
+                           f"{ex['max_abs_logprob_diff_chosen']:.3g}, top-k {ex['max_abs_logprob_diff_topk']:.3g}")
     out.append("")
     for model in models:
         out += [f"## {model}", "",
@@ -157,12 +203,29 @@ def markdown(calls: list[dict]) -> str:
                 _input_note(runs),
             ]) + " |")
         out.append("")
+        refs = [(name, system, runs[system], runs.get("vanilla"), runs.get("relay"))
+                for name in WORKLOADS for system in REFERENCES
+                if (runs := table.get((model, name, None), {})) and system in runs and "result" in runs[system]]
+        if refs:
+            out += ["Reference systems (same call as their vanilla twin where one is shown):", "",
+                    "| workload | system | tok/s | med TTFT ms | med TPOT ms | vanilla (FlashInfer) tok/s | "
+                    "vanilla med TPOT ms | vanilla / system tok/s | relay / system tok/s |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            for name, system, x, v, r in refs:
+                out.append("| " + " | ".join([
+                    name, ALL_SYSTEMS[system], _f(_get(x, "output_throughput")), _f(_get(x, "median_ttft_ms")),
+                    _f(_get(x, "median_tpot_ms"), "{:.1f}"), _f(_get(v, "output_throughput")),
+                    _f(_get(v, "median_tpot_ms"), "{:.1f}"),
+                    _ratio(_get(v, "output_throughput"), _get(x, "output_throughput")),
+                    _ratio(_get(r, "output_throughput"), _get(x, "output_throughput")),
+                ]) + " |")
+            out.append("")
         searches = [(c.get("rate_search") or {}, c) for c in calls if c.get("model") == model]
         if any(s for s, _ in searches):
-            out += ["Request-rate search on `rate8k` (8K shared prompt, Poisson arrivals, ~10 s of arrivals per rate):", "",
-                    "| system | SLO p99 TPOT ms | tried: rate req/s -> p99 TPOT ms | sustainable rate req/s |",
-                    "|---|---|---|---|"]
-            for search, _ in searches:
+            out += ["Request-rate search on `rate8k` (8K shared prompt, Poisson arrivals, ~8 s of arrivals per rate):", "",
+                    "| call | system | SLO p99 TPOT ms | tried: rate req/s -> p99 TPOT ms | sustainable rate req/s |",
+                    "|---|---|---|---|---|"]
+            for search, call in searches:
                 for system in SYSTEMS:
                     s = search.get(system)
                     if not s:
@@ -171,7 +234,22 @@ def markdown(calls: list[dict]) -> str:
                                       for t in sorted(s.get("tried", []), key=lambda t: t["rate"]))
                     rate = s.get("sustainable_rate")
                     top = "" if rate is None or s.get("bounded_above") else " (highest tried)"
-                    out.append(f"| {system} | {s.get('slo_p99_tpot_ms')} | {tried} | {_f(rate, '{:g}')}{top} |")
+                    out.append(f"| {call.get('date', '')} | {system} | {s.get('slo_p99_tpot_ms')} | {tried} | "
+                               f"{_f(rate, '{:g}')}{top} |")
+            merged = merge_rate_searches([s for s, _ in searches])
+            out += ["", f"All points of these calls together (same SLO): {rate_ratio_bound(merged) or 'no ratio'}"]
+            out.append("")
+        util = [(c, r) for c in calls if c.get("model") == model for r in c.get("runs", []) if r.get("gpu_util")]
+        if util:
+            out += ["GPU kernel-busy share (`--gpu-util`: nvidia-smi every 100 ms over the run's window; busy = "
+                    "samples above 0%, so the client's start and idle tail are left out):", "",
+                    "| call | system | workload | samples | mean % | mean of busy samples % | busy samples below 90% |",
+                    "|---|---|---|---|---|---|---|"]
+            for c, r in util:
+                u = r["gpu_util"]
+                label = r["workload"] + (f"@{r['rate']:g}" if r.get("rate") else "")
+                out.append(f"| {c.get('date', '')} | {r['system']} | {label} | {u['samples']} | {_f(u['mean'], '{:.1f}')} | "
+                           f"{_f(u['mean_busy'], '{:.1f}')} | {_f(u['share_below_90'], '{:.0%}')} |")
             out.append("")
     return "\n".join(out) + "\n"
 
