@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .triton_merge import launch_merge_fi_states
-from .work_plan import one_shot_args
+from .work_plan import run_one_shot
 
 __all__ = ["FlashInferRelayDecode", "relay_decode_flashinfer"]
 
@@ -267,12 +267,9 @@ def relay_decode_flashinfer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-shot FlashInfer relay decode; arguments and result as
     :func:`relay_radix.reference.relay_decode_attention` (indptr arrays start at 0)."""
-    bs, hq, d = q.shape
-    caps, plan_kwargs = one_shot_args(
-        prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr,
-        member_rows=member_rows, suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices, bs=bs)
-    w = FlashInferRelayDecode(hq, k_buffer.shape[1], d, q.dtype, q.device, **caps)
-    w.plan(**plan_kwargs, sm_scale=sm_scale, logit_cap=logit_cap)
-    o = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
-    w.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
-    return o, w.lse[:bs].clone()
+    # FlashInfer plans the scale and the cap (its wrappers take them at plan time).
+    return run_one_shot(
+        FlashInferRelayDecode, q, k_buffer, v_buffer, sm_scale=sm_scale, logit_cap=logit_cap,
+        plan_extra=dict(sm_scale=sm_scale, logit_cap=logit_cap), prefix_kv_indptr=prefix_kv_indptr,
+        prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr, member_rows=member_rows,
+        suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices)

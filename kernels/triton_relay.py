@@ -26,7 +26,7 @@ import torch
 
 from .triton_merge import launch_merge_parts
 from .triton_segment import launch_segment_attention
-from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, one_shot_args
+from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, run_one_shot
 
 __all__ = ["TritonRelayDecode", "relay_decode_triton"]
 
@@ -320,12 +320,8 @@ def relay_decode_triton(
     the host (a device sync when they live on the GPU). Extra keyword arguments go to
     :class:`TritonRelayDecode`.
     """
-    bs, hq, d = q.shape
-    caps, plan_kwargs = one_shot_args(
-        prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr,
-        member_rows=member_rows, suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices, bs=bs)
-    wrapper = TritonRelayDecode(hq, k_buffer.shape[1], d, q.dtype, q.device, **caps, **kwargs)
-    wrapper.plan(**plan_kwargs)
-    o = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
-    wrapper.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
-    return o, wrapper.lse[:bs].clone()
+    return run_one_shot(
+        lambda *shape, **caps: TritonRelayDecode(*shape, **caps, **kwargs), q, k_buffer, v_buffer,
+        sm_scale=sm_scale, logit_cap=logit_cap, prefix_kv_indptr=prefix_kv_indptr,
+        prefix_kv_indices=prefix_kv_indices, member_indptr=member_indptr, member_rows=member_rows,
+        suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices)

@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import torch
 
-__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan", "one_shot_args"]
+__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan", "one_shot_args", "run_one_shot"]
 
 WORK_FIELDS = 5  # kv_start, kv_len, member_start, member_count, chunk
 
@@ -234,3 +234,22 @@ def one_shot_args(
         member_rows_cpu=m_rows, suffix_lens_cpu=s_indptr[1:] - s_indptr[:-1],
     )
     return caps, plan_kwargs
+
+
+def run_one_shot(make, q, k_buffer, v_buffer, *, sm_scale: float, logit_cap: float = 0.0,
+                 plan_extra: dict | None = None, **contract) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan and run one relay decode with a fresh kernel object (the one-shot helpers of both
+    relay paths). ``make(num_q_heads, num_kv_heads, head_dim, dtype, device, **capacities)``
+    builds the object; ``contract`` holds the six CSR tensors of the reference's contract;
+    ``plan_extra`` goes to ``plan()`` besides the slot lists.
+
+    Returns ``(o [bs, num_q_heads, head_dim] q.dtype, lse [bs, num_q_heads] fp32 natural log)``;
+    ``o`` is NaN-filled before the run, so an unwritten element shows.
+    """
+    bs, hq, d = q.shape
+    caps, plan_kwargs = one_shot_args(bs=bs, **contract)
+    w = make(hq, k_buffer.shape[1], d, q.dtype, q.device, **caps)
+    w.plan(**plan_kwargs, **(plan_extra or {}))
+    o = torch.full_like(q, float("nan"))
+    w.run(q, k_buffer, v_buffer, o, sm_scale=sm_scale, logit_cap=logit_cap)
+    return o, w.lse[:bs].clone()

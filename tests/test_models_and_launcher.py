@@ -249,6 +249,10 @@ def test_dry_run_prints_every_command(capsys, tmp_path):
     assert "--attention-backend triton" in refs and "--tag llama2-7b-mha/triton/gsp8k_c128" in refs
     assert "--attention-backend relay --radix-cache-backend relay --disable-cuda-graph" in refs
     assert "relay-eager-exact.jsonl" in refs and "relay-eager-gsp8k" not in refs
+    # A reference system alone (no twins in the call) still runs its row.
+    assert run_serving.main(["--dry-run", "--systems", "triton", "--workloads", "gsp8k_c128",
+                             "--out", str(tmp_path / "out")]) == 0
+    assert "--tag llama2-7b-mha/triton/gsp8k_c128" in capsys.readouterr().out
     for system in ("relay", "vanilla"):
         for name in run_serving.PRESETS["all"]:
             assert f"--tag llama2-7b-mha/{system}/{name}" in out or f"/{system}-{name}" in out

@@ -75,6 +75,8 @@ SYSTEMS = {
     "relay-eager": "relay with --disable-cuda-graph: every decode step on the eager path",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"}}
+# Systems that are SGLang as shipped (plugins off), with their attention backend.
+SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
 EST_FACTOR = {"triton": 3.5}
 
@@ -220,9 +222,8 @@ def server_cmd(system: str, model: str, model_dir: str, port: int, relay_flags: 
         return [sys.executable, "-m", "relay_radix.launch_server", "--model-path",
                 f"relay-radix/{model}", "--attention-backend", "relay",
                 "--radix-cache-backend", "relay"] + relay_flags + eager + common
-    backend = {"vanilla": "flashinfer", "triton": "triton"}[system]
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir,
-            "--load-format", "dummy", "--attention-backend", backend] + common
+            "--load-format", "dummy", "--attention-backend", SGLANG_BACKEND[system]] + common
 
 
 def gpu_util_in_window(csv_path: Path, t0: float, t1: float) -> dict:
@@ -450,7 +451,7 @@ class Driver:
                 relay_flags += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
         cmd = server_cmd(system, self.model, self.model_dir, a.port, relay_flags, shlex.split(a.server_args))
         env = dict(self.env)
-        if system in ("vanilla", "triton") and not a.vanilla_plugins:
+        if system in SGLANG_BACKEND and not a.vanilla_plugins:
             env["SGLANG_PLUGINS"] = "none"  # whitelist naming no plugin: SGLang exactly as shipped
         self.results["server_cmds"][system] = shlex.join(cmd)
         self.results["server_env"][system] = {k: v for k, v in env.items()
@@ -590,7 +591,9 @@ class Driver:
                 raw = self.results["exact_raw"]
                 from exactness import compare
 
-                for other in [x for x in raw if x != "vanilla" and "vanilla" in raw]:
+                # Compare each system with vanilla once, when the later of the two has run.
+                others = [x for x in raw if x != "vanilla"] if system == "vanilla" else [system]
+                for other in others if "vanilla" in raw else []:
                     # "exactness" is relay's; the other systems' go under "exactness_<system>".
                     key = "exactness" if other == "relay" else f"exactness_{other}"
                     self.results[key] = compare(raw["vanilla"], raw[other])
@@ -662,16 +665,17 @@ class Driver:
         vanilla has (or will have) the twin run."""
         return [w for w in self.workloads if w.name in REFERENCE_ONLY[system] and w.name in twins_ran]
 
+    def run_cost(self, system: str, names: list[str]) -> float:
+        """Time a later server of the call needs: its start and its runs of ``names``."""
+        return SECOND_SERVER_EST_S + sum(self.est(system, WORKLOADS[n]) for n in names) if names else 0.0
+
     def later_cost(self, system: str, names: list[str]) -> float:
-        """Time the systems after ``system`` need if it runs ``names``: the twin's runs, then
-        the references' (each with a server start)."""
-        if system != self.systems[0]:
-            later = []
-        else:
-            later = [(s, names) for s in self.systems[1:]]
+        """Time the systems after ``system`` need if it runs ``names``: the twin's runs (when
+        ``system`` is the first twin), then the references' runs."""
+        later = [(s, names) for s in self.systems[1:]] if self.systems[:1] == [system] else []
         if system in self.systems:
             later += [(r, [w.name for w in self.reference_todo(r, names)]) for r in self.references]
-        return sum(SECOND_SERVER_EST_S + sum(self.est(s, WORKLOADS[n]) for n in ns) for s, ns in later if ns)
+        return sum(self.run_cost(s, ns) for s, ns in later)
 
     def run_system(self, system: str, todo: list[Workload]) -> list[str]:
         """Start ``system``, run ``todo`` within the budget, stop. Returns the workloads that ran."""
@@ -726,7 +730,7 @@ class Driver:
                     self.results["skipped"].append(f"{system}: none of {sorted(REFERENCE_ONLY[system])} "
                                                    "ran on vanilla in this call")
                     continue
-                if not self.a.dry_run and self.left() < SECOND_SERVER_EST_S + sum(self.est(system, w) for w in refs):
+                if not self.a.dry_run and self.left() < self.run_cost(system, [w.name for w in refs]):
                     self.results["skipped"].append(f"{system}: budget")
                     self.log(f"{system}: skipped, {self.left():.0f}s left")
                     continue
@@ -738,6 +742,7 @@ class Driver:
         finally:
             if self.util_proc is not None:
                 self.util_proc.terminate()
+                self.util_log.close()
             if self.a.save_jit_cache:
                 self.save_jit_cache()
             self.results["total_s"] = round(time.time() - self.t0, 1)
