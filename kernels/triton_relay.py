@@ -18,6 +18,12 @@ paged decode outside this object (SGLang's FlashInfer decode wrapper, the kernel
 decode uses), which writes each row's suffix state into ``o`` and a base-2 LSE; ``run`` then
 skips launch 2 and merges the prefix parts on top of that state in place. With no shared
 segment in the batch this is vanilla decode plus one near-empty launch and an LSE copy.
+
+``prefix_stream=True`` (CUDA, with ``run(suffix_state=...)``): the prefix launch runs on a
+side stream while the suffix decode runs on the current one, joined before the merge. The
+prefix pass is bound by tensor-core math (members x heads stacked against one KV read), the
+suffix decode by HBM bandwidth, so the two overlap on the chip. Fork and join are stream
+waits, which CUDA-graph capture records as graph edges.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class TritonRelayDecode:
             takes no suffix slot list and ``run`` needs ``base_lse2``.
         prefix_block_m: stacked query rows per prefix program (16/32/64/128); default 64.
         num_sms: programs are sized from it (default: the device's SM count).
+        prefix_stream: run the prefix launch on a side stream, concurrent with the suffix
+            decode that ``run(suffix_state=...)`` issues (CUDA only; ignored on the CPU).
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class TritonRelayDecode:
         num_stages_prefix: int = 3,
         num_warps_suffix: int = 4,
         num_stages_suffix: int = 3,
+        prefix_stream: bool = False,
     ) -> None:
         assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads (GQA)"
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
@@ -152,6 +161,8 @@ class TritonRelayDecode:
         self.part_lse = torch.empty((self.max_parts, num_q_heads), dtype=torch.float32, device=self.device)
         self.lse = torch.empty((max_bs, num_q_heads), dtype=torch.float32, device=self.device)
         self.last_plan: RelayWorkPlan | None = None
+        # Made here, not in run(): a stream cannot be created during CUDA-graph capture.
+        self._prefix_stream = torch.cuda.Stream(self.device) if prefix_stream and self.device.type == "cuda" else None
 
     def _view(self, name: str) -> torch.Tensor:
         off, n = self._offsets[name]
@@ -248,6 +259,7 @@ class TritonRelayDecode:
         sm_scale: float,
         logit_cap: float = 0.0,
         base_lse2: torch.Tensor | None = None,
+        suffix_state=None,
     ) -> torch.Tensor:
         """One layer's relay decode attention over the last plan (CUDA-graph capturable).
 
@@ -259,6 +271,10 @@ class TritonRelayDecode:
             sm_scale, logit_cap: per layer (taken at run time, not plan time).
             base_lse2: ``external_suffix`` only: ``[>=bs, num_q_heads]`` fp32 base-2 LSE of the
                 suffix state that ``o`` holds on entry (FlashInfer's ``return_lse`` output).
+            suffix_state: ``external_suffix`` only: a callable that writes that state into
+                ``(o, base_lse2)`` on the current stream; given, ``run`` calls it after issuing
+                the prefix launch (on the side stream with ``prefix_stream``), so the two
+                overlap. Without it, ``o``/``base_lse2`` must hold the state on entry.
 
         Returns ``o``. ``self.lse[:bs]`` holds the natural-log LSE of each output row.
         """
@@ -267,16 +283,35 @@ class TritonRelayDecode:
         cfg = self.launch_cfg
         common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
                       sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n)
-        launch_segment_attention(
-            kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
-            work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
-            block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"], num_stages=cfg["num_stages_prefix"],
-            **common,
-        )
+
+        def launch_prefix():
+            launch_segment_attention(
+                kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
+                work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
+                block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"],
+                num_stages=cfg["num_stages_prefix"], **common,
+            )
+
         if self.external_suffix:
             assert base_lse2 is not None, "external_suffix: pass the suffix state (o, base_lse2)"
+            side = self._prefix_stream if suffix_state is not None else None
+            if side is not None:
+                # Fork: the side stream starts after q exists; join: the merge reads part_o/part_lse.
+                # q stays alive on the current stream until after the join, so its memory is
+                # not reused while the side stream reads it.
+                current = torch.cuda.current_stream(self.device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    launch_prefix()
+                suffix_state()
+                current.wait_stream(side)
+            else:
+                launch_prefix()
+                if suffix_state is not None:
+                    suffix_state()
         else:
-            assert base_lse2 is None, "base_lse2 is for external_suffix objects only"
+            assert base_lse2 is None and suffix_state is None, "base_lse2/suffix_state: external_suffix objects only"
+            launch_prefix()
             # Suffix: members are rows themselves (identity table); a row's suffix splits are its
             # first part slots, so its slot base is row_part_indptr[r].
             launch_segment_attention(

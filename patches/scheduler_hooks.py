@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def after_scheduler_init(result, self, *args, **kwargs):
     from relay_radix.metrics import DECODE_LOG_LOGGER, DecodeLogFilter, make_prometheus
 
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
-        lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None)))
+        lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None),
+        host=backend.host))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
@@ -103,6 +105,7 @@ def before_run_batch(self, batch, *args, **kwargs):
     if batch is not None and batch.forward_mode.is_decode() and batch.reqs:
         from relay_radix.plan import PlanStats, build_decode_plan
 
+        t0 = time.perf_counter()
         pool = batch.req_pool_indices_cpu
         if pool is None:
             pool = [r.req_pool_idx for r in batch.reqs]
@@ -110,9 +113,10 @@ def before_run_batch(self, batch, *args, **kwargs):
         _record_plan_fingerprint(self, plan)
         backend.set_next_plan(plan)
         backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers)
+        backend.host.add_hook(time.perf_counter() - t0)
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:
-            prom.observe(stats)
+            prom.observe(stats, backend.host)
     else:
         backend.set_next_plan(None)
     return None

@@ -19,6 +19,7 @@ runs the pure-torch reference (``relay_radix.reference``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,10 +76,11 @@ class RelayAttnBackend(AttentionBackend):
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
         # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its static
-        # buffers hold (``_relay_plan_key``, set here after plan()); a step with the same key skips
-        # the slot gather and the work-list build. Only with FlashInfer suffixes: the Triton
-        # suffix work changes every step.
+        # buffers hold (``_relay_plan_key`` = (padded bs, plan structure id), set here after
+        # plan()); a step with the same key skips the slot gather and the work-list build. Only
+        # with FlashInfer suffixes: the Triton suffix work changes every step.
         self.plans_reused = 0
+        self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata)
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, manager: "RelayGroupManager") -> None:
@@ -102,9 +104,10 @@ class RelayAttnBackend(AttentionBackend):
         # Triton only: the FlashInfer relay path is refused at backend creation (plugin.py).
         from relay_radix.kernels.triton_relay import TritonRelayDecode
 
-        logger.info("relay-radix: triton decode kernels, capacity %s", caps)
+        concurrent = self.suffix is not None and self.config.prefix_stream
+        logger.info("relay-radix: triton decode kernels, capacity %s, prefix on a side stream: %s", caps, concurrent)
         return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device,
-                                 external_suffix=self.suffix is not None, **caps)
+                                 external_suffix=self.suffix is not None, prefix_stream=concurrent, **caps)
 
     def _kernel_for(self, bs: int):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.
@@ -168,6 +171,13 @@ class RelayAttnBackend(AttentionBackend):
         self._plan_decode(fb, in_capture=in_capture, graph=True)
 
     def _plan_decode(self, fb, *, in_capture: bool, graph: bool):
+        t0 = time.perf_counter()
+        reused = self._plan_decode_timed(fb, in_capture=in_capture, graph=graph)
+        if not in_capture:
+            self.host.add_backend(time.perf_counter() - t0, reused)
+
+    def _plan_decode_timed(self, fb, *, in_capture: bool, graph: bool) -> bool:
+        """Metadata of one decode step; returns True when the prefix plan was reused."""
         plan = self._take_plan(fb, in_capture)
         self.plan = plan
         bs = fb.batch_size  # padded rows (CUDA graph) follow the plan's rows, in no group
@@ -186,10 +196,14 @@ class RelayAttnBackend(AttentionBackend):
             self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
             suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
             if self.config.plan_reuse:
-                key = prefix_plan_key(plan, bs)
+                # Equal structure ids mean equal groups, members and source rows, hence equal
+                # slot lists: a group's segment is the pinned tree node's KV, which any member row
+                # holds at the same slots. Sequence lengths change every step, but only the
+                # suffixes (planned by FlashInfer above, every step) depend on them.
+                key = (bs, plan.structure_id)
                 if getattr(kernel, "_relay_plan_key", None) == key:
                     self.plans_reused += 1  # the static buffers already hold this plan
-                    return
+                    return True
         else:
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
@@ -199,7 +213,7 @@ class RelayAttnBackend(AttentionBackend):
                 member_indptr=plan.member_indptr, member_rows=plan.member_rows,
                 suffix_kv_indptr=_indptr(suffix_lens), suffix_kv_indices=suffix_idx,
             )
-            return
+            return False
         kernel._relay_plan_key = None  # stale until plan() has written the buffers
         kernel.plan(
             prefix_kv_indices=prefix_idx, suffix_kv_indices=suffix_idx,
@@ -207,6 +221,7 @@ class RelayAttnBackend(AttentionBackend):
             member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens,
         )
         kernel._relay_plan_key = key
+        return False
 
     def init_forward_metadata_in_graph(self, fb):
         if not fb.forward_mode.is_decode():
@@ -230,25 +245,45 @@ class RelayAttnBackend(AttentionBackend):
                 q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
         else:
             o = q3.new_empty((q3.shape[0], hq, dv))
-            lse2 = None
+            lse2 = suffix_state = None
             if self.suffix is not None:
                 lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
-                self.suffix.run(q3, layer, o, lse2)  # o, lse2 <- each row's suffix state
-            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap, base_lse2=lse2)
+
+                def suffix_state():  # o, lse2 <- each row's suffix state (the kernel orders it)
+                    self.suffix.run(q3, layer, o, lse2)
+            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap,
+                             base_lse2=lse2, suffix_state=suffix_state)
         return o.reshape(-1, hq * dv)
 
 
-def prefix_plan_key(plan: DecodeRelayPlan, bs: int) -> bytes:
-    """What a kernel's static buffers depend on when suffixes run outside it: the padded batch
-    size and every group's source row, segment and members. Equal keys mean equal slot lists:
-    a group's segment ``[start, end)`` is the pinned tree node's KV, so any member row holds
-    the same slot ids there (the source row may even be reassigned: only a member can be the
-    source). Sequence lengths are not part of it: they change every step and only the
-    suffixes (planned by FlashInfer each step) depend on them."""
-    parts = [torch.tensor([bs, plan.num_groups], dtype=torch.int64)]
-    parts += [t.to(torch.int64).reshape(-1) for t in (
-        plan.prefix_lens, plan.group_start, plan.group_src_pool_idx, plan.member_indptr, plan.member_rows)]
-    return b"|".join(t.numpy().tobytes() for t in parts)
+class HostTime:
+    """Relay's host (CPU) time of decode steps, as running totals.
+
+    Two parts: the scheduler hook (sync with the batch, groups, plan, stats) and the backend's
+    metadata (suffix plan, prefix slot gather, work lists, copies). Under the overlap scheduler
+    host time is hidden behind the previous step's GPU work only while it is shorter, so it is
+    reported next to the step time (decode log line, ``/metrics``). Each reader keeps its own
+    mark and gets the change since its last read (:meth:`since`)."""
+
+    FIELDS = ("hook_s", "metadata_s", "steps", "reused")
+
+    def __init__(self) -> None:
+        self.total = [0.0, 0.0, 0, 0]  # FIELDS: hook s, metadata s, decode steps, prefix plans reused
+
+    def add_hook(self, seconds: float) -> None:
+        self.total[0] += seconds
+
+    def add_backend(self, seconds: float, reused: bool) -> None:
+        t = self.total
+        t[1] += seconds
+        t[2] += 1
+        t[3] += int(reused)
+
+    def since(self, mark: list) -> tuple:
+        """Change of the totals since ``mark`` (a reader's list, updated in place)."""
+        delta = tuple(a - b for a, b in zip(self.total, mark))
+        mark[:] = self.total
+        return delta
 
 
 def _seq_lens_cpu(fb) -> torch.Tensor:

@@ -15,7 +15,8 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_SUFFIX`` | flashinfer (CUDA with the FlashInfer base) | each request's own suffix: ``flashinfer`` (SGLang's FlashInfer decode wrappers, vanilla's kernel) or ``triton`` (the relay kernel's suffix launch) |
 | ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
 | ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
-| ``RELAY_RADIX_PLAN_REUSE`` | 0 | 1: a decode step whose groups, members and source rows equal the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only). Off by default until measured on the GPU |
+| ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
+| ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class RelayConfig:
     base_backend: str | None = None  # None: chosen by device (flashinfer on CUDA)
     gate: bool = True
     suffix: str | None = None  # None: flashinfer when the base backend is flashinfer
-    plan_reuse: bool = False
+    plan_reuse: bool = True
+    prefix_stream: bool = True
 
     def __post_init__(self):
         if self.min_group_size < 2:
@@ -94,5 +96,6 @@ class RelayConfig:
             base_backend=os.environ.get("RELAY_RADIX_BASE_BACKEND") or None,
             gate=_env_int("RELAY_RADIX_GATE", 1) != 0,
             suffix=os.environ.get("RELAY_RADIX_SUFFIX") or None,
-            plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 0) != 0,
+            plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 1) != 0,
+            prefix_stream=_env_int("RELAY_RADIX_PREFIX_STREAM", 1) != 0,
         )

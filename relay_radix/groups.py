@@ -69,6 +69,10 @@ class RelayGroupManager:
         self._live: dict[str, "TreeNode"] = {}  # rid -> node it is counted under
         self._groups: dict["TreeNode", RelayGroup] = {}  # head -> group (pinned heads)
         self._dirty = False  # live counts changed since the last refresh
+        # Bumped whenever a group appears, dissolves or changes its segment: the decode plan's
+        # structure depends on the groups only through this (relay_radix.plan).
+        self.version = 0
+        self.last_plan: tuple | None = None  # (structure key, DecodeRelayPlan): build_decode_plan's cache
 
     # ---- queries -------------------------------------------------------------------------
     def live_count(self, node: "TreeNode") -> int:
@@ -219,11 +223,12 @@ class RelayGroupManager:
                 self.tree.inc_lock_ref(node)
         if not changed:
             changed = any(
-                (g.level, g.start) != (self._groups[n].level, self._groups[n].start)
+                (g.level, g.start, g.end) != (self._groups[n].level, self._groups[n].start, self._groups[n].end)
                 for n, g in chosen.items()
             )
         self._groups = chosen
         if changed:
+            self.version += 1
             logger.debug("relay groups now %s", [(g.level, g.start, g.end, g.members) for g in self.groups])
 
     def _demote_shrunk(self) -> None:
@@ -237,3 +242,5 @@ class RelayGroupManager:
         self._live.clear()
         self._groups.clear()
         self._dirty = False
+        self.version += 1
+        self.last_plan = None

@@ -1,10 +1,11 @@
 """Relay observability: per-decode-step figures in the decode log line and Prometheus.
 
 * Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
-  ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), plan digest D`` to every
-  ``Decode batch ...`` line (SGLang builds that line inside ``report_decode_stats``; the
-  filter extends it without touching SGLang's code). D is the rolling digest of the rank's
-  decode plans: equal on every TP rank while their trees agree.
+  ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), host H ms/step (hook A,
+  metadata B, plan reuse P%), plan digest D`` to every ``Decode batch ...`` line (SGLang
+  builds that line inside ``report_decode_stats``; the filter extends it without touching
+  SGLang's code). Host figures are means over the decode steps since the previous line. D is
+  the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
   made in a scheduler process (map section 9); these gauges and counters are made on the
   first decode step of a process whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
@@ -34,18 +35,33 @@ def format_digest(digest: bytes | None) -> str:
     return f"plan digest {digest.hex()[:8]}" if digest else "plan digest none"
 
 
-class DecodeLogFilter(logging.Filter):
-    """Appends the last relay plan's figures (and, given ``digest_source``, the rolling plan
-    digest) to SGLang's ``Decode batch`` log line."""
+def format_host(hook_s: float, metadata_s: float, steps: int, reused: int) -> str:
+    """``host H ms/step (hook A, metadata B, plan reuse P%)``: relay's mean host time per
+    decode step over an interval (``HostTime.since``)."""
+    if steps <= 0:
+        return "host: no decode step"
+    per = 1e3 / steps
+    return (f"host {(hook_s + metadata_s) * per:.3f} ms/step (hook {hook_s * per:.3f}, "
+            f"metadata {metadata_s * per:.3f}, plan reuse {100 * reused / steps:.0f}%)")
 
-    def __init__(self, stats_source, digest_source=None):
+
+class DecodeLogFilter(logging.Filter):
+    """Appends the last relay plan's figures (given ``host``, a ``HostTime``, relay's host time
+    per step since the previous line; given ``digest_source``, the rolling plan digest) to
+    SGLang's ``Decode batch`` log line."""
+
+    def __init__(self, stats_source, digest_source=None, host=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
         self.digest_source = digest_source  # callable -> bytes | None
+        self.host = host
+        self._host_mark = [0.0, 0.0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Decode batch"):
             extra = format_stats(self.stats_source())
+            if self.host is not None:
+                extra = f"{extra}, {format_host(*self.host.since(self._host_mark))}"
             if self.digest_source is not None:
                 extra = f"{extra}, {format_digest(self.digest_source())}"
             record.msg = f"{record.msg}, {extra}"
@@ -71,14 +87,28 @@ class RelayPrometheus:
                                       labelnames=names)
         self.kv_bytes_vanilla = Counter("sglang:relay_kv_bytes_vanilla", "KV bytes vanilla decode would have read",
                                         labelnames=names)
+        self.host_seconds = Counter("sglang:relay_host_seconds", "Relay host time of decode steps "
+                                    "(part: hook = scheduler plan, metadata = backend)", labelnames=names + ["part"])
+        self.decode_steps = Counter("sglang:relay_decode_steps", "Decode steps through the relay backend",
+                                    labelnames=names)
+        self.plans_reused = Counter("sglang:relay_plans_reused", "Decode steps that reused the last prefix plan",
+                                    labelnames=names)
+        self._host_mark = [0.0, 0.0, 0, 0]
 
-    def observe(self, s: PlanStats) -> None:
+    def observe(self, s: PlanStats, host=None) -> None:
+        """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last call."""
         lb = self.labels
         self.groups.labels(**lb).set(s.groups)
         self.members.labels(**lb).set(s.members)
         self.shared_tokens.labels(**lb).set(s.shared_tokens)
         self.kv_bytes_relay.labels(**lb).inc(s.kv_bytes_relay)
         self.kv_bytes_vanilla.labels(**lb).inc(s.kv_bytes_vanilla)
+        if host is not None:
+            hook_s, metadata_s, steps, reused = host.since(self._host_mark)
+            self.host_seconds.labels(**lb, part="hook").inc(hook_s)
+            self.host_seconds.labels(**lb, part="metadata").inc(metadata_s)
+            self.decode_steps.labels(**lb).inc(steps)
+            self.plans_reused.labels(**lb).inc(reused)
 
 
 def make_prometheus(tp_rank: int) -> RelayPrometheus | None:

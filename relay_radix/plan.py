@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import TYPE_CHECKING, Sequence
+import itertools
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
@@ -23,10 +24,27 @@ if TYPE_CHECKING:
     from relay_radix.groups import RelayGroup, RelayGroupManager
     from sglang.srt.managers.schedule_batch import Req
 
+# Structure ids are unique in the process: equal ids mean equal plans up to ``seq_lens``.
+_structure_ids = itertools.count(1)
+
+
+class PlanTotals(NamedTuple):
+    """Sums over a plan's structure, computed once per structure (not per step)."""
+
+    members: int  # rows in at least one group
+    shared_tokens: int  # sum of the shared segment lengths
+    suffix_start_tokens: int  # sum of suffix_start: tokens the rows do not read themselves
+
 
 @dataclasses.dataclass(slots=True)
 class DecodeRelayPlan:
-    """One decode batch's relay plan (CPU int32 tensors; ``G`` groups, ``M`` memberships)."""
+    """One decode batch's relay plan (CPU int32 tensors; ``G`` groups, ``M`` memberships).
+
+    Everything but ``seq_lens`` is the plan's *structure*: it changes only when the batch's
+    requests, their tree nodes or the groups change, not when a step appends a token.
+    ``structure_id`` names it (equal ids, equal structure), so per-step consumers (the
+    backend's prefix slot lists and work lists) rebuild only what a new structure changes.
+    """
 
     batch_size: int
     seq_lens: torch.Tensor  # [bs] tokens per row, including the token being decoded
@@ -38,6 +56,9 @@ class DecodeRelayPlan:
     member_indptr: torch.Tensor  # [G+1] group g's members: member_rows[member_indptr[g]:member_indptr[g+1]]
     member_rows: torch.Tensor  # [M] batch rows, ascending within a group
     suffix_start: torch.Tensor  # [bs] first token position of the row's own part
+    structure_id: int = 0
+    totals: PlanTotals = PlanTotals(0, 0, 0)
+    structure_digest: bytes = b""  # hash of the structure arrays (fingerprint's first part)
 
     @property
     def num_groups(self) -> int:
@@ -55,23 +76,38 @@ class DecodeRelayPlan:
 
     def kv_tokens_read(self) -> tuple[int, int]:
         """(relay, vanilla): KV tokens read per layer with relay and without it."""
-        relay = int(self.prefix_lens.sum()) + int(self.suffix_lens.sum())
-        return relay, int(self.seq_lens.sum())
+        vanilla = int(self.seq_lens.sum())
+        return self.totals.shared_tokens + vanilla - self.totals.suffix_start_tokens, vanilla
 
     def fingerprint(self) -> str:
-        """Short hash of the plan's structure (equal plans on every tensor-parallel rank)."""
-        h = hashlib.blake2b(digest_size=8)
-        for t in (self.seq_lens, self.req_pool_indices, self.group_level, self.group_start,
-                  self.group_end, self.member_indptr, self.member_rows, self.suffix_start):
-            h.update(t.numpy().tobytes())
+        """Short hash of the whole plan (equal plans on every tensor-parallel rank): the
+        structure's digest (hashed once per structure) and this step's ``seq_lens``."""
+        h = hashlib.blake2b(self.structure_digest, digest_size=8)
+        h.update(self.seq_lens.numpy().tobytes())
         return h.hexdigest()
+
+
+def _finish_structure(plan: DecodeRelayPlan) -> DecodeRelayPlan:
+    """Give a freshly built plan its structure id, totals and digest."""
+    plan.structure_id = next(_structure_ids)
+    plan.totals = PlanTotals(
+        members=int((plan.suffix_start > 0).sum()),
+        shared_tokens=int(plan.prefix_lens.sum()),
+        suffix_start_tokens=int(plan.suffix_start.sum()),
+    )
+    h = hashlib.blake2b(digest_size=16)
+    for t in (plan.req_pool_indices, plan.group_level, plan.group_start, plan.group_end,
+              plan.member_indptr, plan.member_rows, plan.suffix_start):
+        h.update(t.numpy().tobytes())
+    plan.structure_digest = h.digest()
+    return plan
 
 
 def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> DecodeRelayPlan:
     """A plan with no groups: every row decodes its whole sequence as its own part."""
     bs = int(seq_lens.numel())
     z = torch.zeros(0, dtype=torch.int32)
-    return DecodeRelayPlan(
+    return _finish_structure(DecodeRelayPlan(
         batch_size=bs,
         seq_lens=seq_lens.to(torch.int32).cpu(),
         req_pool_indices=req_pool_indices.to(torch.int32).cpu(),
@@ -79,7 +115,7 @@ def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> Decode
         member_indptr=torch.zeros(1, dtype=torch.int32),
         member_rows=z,
         suffix_start=torch.zeros(bs, dtype=torch.int32),
-    )
+    ))
 
 
 def build_decode_plan(
@@ -97,12 +133,32 @@ def build_decode_plan(
         seq_lens: ``[bs]`` their lengths including the token being decoded (CPU).
 
     Work is per request and per group (a short walk to the root per distinct tree node),
-    never per token.
+    never per token. A batch whose structure equals the last one built from this manager
+    (same groups version, same rows in the same order with the same tree nodes and
+    ``req_to_token`` rows: every decode step between two batch changes) reuses it, with
+    this step's ``seq_lens``.
     """
     manager.sync(reqs)
     manager.refresh()
     pool = torch.as_tensor(req_pool_indices, dtype=torch.int32).cpu()
     lens = torch.as_tensor(seq_lens, dtype=torch.int32).cpu()
+    # The structure is a function of exactly these: the groups (version), each row's node
+    # (its group chain) and its req_to_token row (the groups' source rows).
+    key = (manager.version, tuple(_node_id(r.last_node) for r in reqs), pool.numpy().tobytes())
+    last = manager.last_plan
+    if last is not None and last[0] == key:
+        return dataclasses.replace(last[1], seq_lens=lens)
+    plan = _build_structure(manager, reqs, pool, lens)
+    manager.last_plan = (key, plan)
+    return plan
+
+
+def _node_id(node) -> int:
+    return -1 if node is None else node.id
+
+
+def _build_structure(manager: "RelayGroupManager", reqs: Sequence["Req"], pool: torch.Tensor,
+                     lens: torch.Tensor) -> DecodeRelayPlan:
     if not manager._groups:
         return empty_plan(lens, pool)
 
@@ -127,7 +183,7 @@ def build_decode_plan(
     member_indptr = torch.zeros(len(order) + 1, dtype=torch.int32)
     member_indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0)
     first_rows = member_indptr[:-1].long()
-    return DecodeRelayPlan(
+    return _finish_structure(DecodeRelayPlan(
         batch_size=len(reqs),
         seq_lens=lens,
         req_pool_indices=pool,
@@ -138,7 +194,7 @@ def build_decode_plan(
         member_indptr=member_indptr,
         member_rows=member_rows,
         suffix_start=torch.tensor(suffix_start, dtype=torch.int32),
-    )
+    ))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,8 +213,8 @@ class PlanStats:
         per_tok = dims.kv_bytes_per_token * num_layers
         return cls(
             groups=plan.num_groups,
-            members=int((plan.suffix_start > 0).sum()),
-            shared_tokens=int(plan.prefix_lens.sum()),
+            members=plan.totals.members,
+            shared_tokens=plan.totals.shared_tokens,
             kv_bytes_relay=relay * per_tok,
             kv_bytes_vanilla=vanilla * per_tok,
         )

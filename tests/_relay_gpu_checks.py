@@ -7,6 +7,8 @@ row ``{path, dtype, hq, hkv, d, case, rel_err, max_abs, nan, ok}``. NaN never pa
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tests._relay_cases import make_case, plan_kwargs, random_groups, reference_device, rel_err
@@ -47,15 +49,18 @@ class HybridRelay:
     ``RELAY_RADIX_SUFFIX=flashinfer``, minus SGLang's wrapper bookkeeping): FlashInfer batch
     decode over each row's suffix writes ``o`` and a base-2 LSE, then
     ``TritonRelayDecode(external_suffix=True)`` merges the groups' prefix parts on top.
-    Same plan/run interface as ``FlashInferRelayDecode`` (suffixes must be non-empty)."""
+    Same plan/run interface as ``FlashInferRelayDecode`` (suffixes must be non-empty).
+    ``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode
+    (``RELAY_RADIX_PREFIX_STREAM``)."""
 
-    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, **cap):
+    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, prefix_stream: bool = False, **cap):
         import flashinfer
 
         from relay_radix.kernels import TritonRelayDecode
 
         self.shape, self.dtype = (hq, hkv, d), dtype
-        self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, **cap)
+        self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, prefix_stream=prefix_stream,
+                                     **cap)
         ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
         self.dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hkv >= 4)
         self.lse2 = torch.empty((cap["max_bs"], hq), dtype=torch.float32, device="cuda")
@@ -74,8 +79,10 @@ class HybridRelay:
 
     def run(self, q, k, v, o, *, sm_scale):
         n = self.bs
-        self.dec.run(q[:n], (k.unsqueeze(1), v.unsqueeze(1)), out=o[:n], lse=self.lse2[:n], return_lse=True)
-        return self.tri.run(q, k, v, o, sm_scale=sm_scale, base_lse2=self.lse2)
+
+        def suffix_state():
+            self.dec.run(q[:n], (k.unsqueeze(1), v.unsqueeze(1)), out=o[:n], lse=self.lse2[:n], return_lse=True)
+        return self.tri.run(q, k, v, o, sm_scale=sm_scale, base_lse2=self.lse2, suffix_state=suffix_state)
 
 
 def _capacity(case, extra: int = 0) -> dict:
@@ -94,8 +101,8 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
         from relay_radix.kernels import TritonRelayDecode
 
         return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **cap)
-    if path == "hybrid":
-        return HybridRelay(hq, hkv, d, case.q.dtype, **cap)
+    if path in ("hybrid", "hybrid_stream"):
+        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path == "hybrid_stream", **cap)
     from relay_radix.kernels import FlashInferRelayDecode
 
     return FlashInferRelayDecode(hq, hkv, d, case.q.dtype, "cuda", use_cuda_graph=graph, **cap)
@@ -103,13 +110,13 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
 
 def _plan(path, w, case):
     kw = plan_kwargs(case)
-    if path in ("flashinfer", "hybrid"):
+    if path in ("flashinfer", "hybrid", "hybrid_stream"):
         kw["sm_scale"] = case.sm_scale
     w.plan(**kw)
 
 
 def check(path: str, kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, min_suffix=int(path == "hybrid"))
+    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, min_suffix=int(path.startswith("hybrid")))
     w = make_wrapper(path, case)
     _plan(path, w, case)
     o = torch.full_like(case.q, float("nan"))
@@ -126,6 +133,34 @@ def _row(path, kind, case, o, ref) -> dict:
     return dict(path=path, case=kind, dtype=str(dtype).replace("torch.", ""), hq=case.q.shape[1],
                 hkv=case.k.shape[1], d=case.q.shape[2], bs=case.q.shape[0], rel_err=err, max_abs=mx, nan=nan,
                 ok=(not nan) and err < TOL[dtype])
+
+
+def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
+    """The side-stream prefix path under CUDA-graph capture: the fork/join is captured as graph
+    edges, so a replay must equal the eager run (same plan; new q each replay)."""
+    case = build_case("nested", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=211, min_suffix=1)
+    w = make_wrapper("hybrid_stream", case)
+    _plan("hybrid_stream", w, case)
+    q = case.q.clone()
+    o = torch.full_like(q, float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w.run(q, case.k, case.v, o, sm_scale=case.sm_scale)  # warm-up (compiles) outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, case.k, case.v, o, sm_scale=case.sm_scale)
+    rows = []
+    for scale in (1.0, -0.5):
+        q.copy_(case.q * scale)
+        o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        c = dataclasses.replace(case, q=case.q * scale)
+        ref, _ = reference_device(c)
+        rows.append(_row("hybrid_stream+graph", "replay", c, o, ref))
+    return rows
 
 
 def check_graph(path: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:

@@ -193,7 +193,7 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
     s.prefill([s.new_req(system + fewshot + words(10 + i, 7)) for i in range(2)]
               + [s.new_req(system + words(20 + i, 11)) for i in range(2)])
     groups_seen = set()
-    for step in range(6):
+    for step in range(8):
         err = decode_and_compare(s, runner, relay, native, attn_layers, gen)
         assert err < 1e-4, (step, err)
         groups_seen.add(relay.plan.num_groups)
@@ -201,10 +201,16 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
             s.finish(s.running[-1])  # membership changes: the next step must re-plan
         if step == 3:
             s.prefill([s.new_req(system + fewshot + words(40, 5))])  # an arrival joins both groups
+        if step == 5:
+            # Same batch size, other members: a few-shot member leaves as a request with the
+            # system prompt only arrives (a stale prefix plan would give it the few-shot block).
+            s.finish(next(r for r in s.running if list(r.origin_input_ids[300:400]) == fewshot))
+            s.prefill([s.new_req(system + words(50, 13))])
     assert max(groups_seen) >= 2  # nested groups were relayed
     if reuse:
-        # Steps 1-2 repeat step 0's groups; steps 4 and 5 differ (a finish, then an arrival).
-        assert relay.plans_reused >= 2
+        # Steps 1-2 repeat step 0's groups; steps 4, 5 and 6 differ (a finish, an arrival,
+        # a swap at the same batch size), step 7 repeats step 6.
+        assert relay.plans_reused >= 3
     else:
         assert relay.plans_reused == 0
     for r in list(s.running):

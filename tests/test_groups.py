@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,6 +201,50 @@ def test_random_lifecycles_keep_invariants(ops, overlap, seed):
             (s.finish if kind == "finish" else s.retract)(victim)
         elif kind == "evict":
             s.evict_all_unlocked()
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
+def test_plan_structure_is_reused_only_while_the_batch_is_unchanged():
+    """Steady decode steps share one plan structure (same id, new seq_lens); a finish, an
+    arrival or a group change makes a new one, equal to a plan built from scratch."""
+    cfg = RelayConfig(min_group_size=3, demote_group_size=2, min_prefix_tokens=64)
+    s = MiniScheduler(relay_config=cfg)
+    system = words(1, 400)
+    s.prefill([s.new_req(system + words(10, 20))])
+    s.prefill([s.new_req(system + words(11 + i, 20)) for i in range(4)])
+    _, p0 = plan_for(s)  # first step: the prefilled requests move to their own leaves after it
+    _, p1 = plan_for(s)
+    _, p2 = plan_for(s)
+    assert p1.num_groups == 1 and p2.structure_id == p1.structure_id
+    assert bool((p2.seq_lens == p1.seq_lens + 1).all())  # this step's lengths, not the cached ones
+    ids = {p2.structure_id}
+    s.finish(s.running[0])
+    _, p3 = plan_for(s)
+    s.prefill([s.new_req(system + words(30, 20))])
+    _, p4 = plan_for(s)
+    for r in list(s.running)[:3]:
+        s.finish(r)  # 2 left, still >= demote size
+    _, p5 = plan_for(s)
+    s.finish(s.running[0])  # 1 left: the group dissolves
+    _, p6 = plan_for(s)
+    assert p6.num_groups == 0
+    for p in (p3, p4, p5, p6):
+        assert p.structure_id not in ids
+        ids.add(p.structure_id)
+    # The cached structure equals a fresh build of the same batch.
+    _, p7 = plan_for(s)
+    assert p7.structure_id == p6.structure_id
+    s.tree.relay.last_plan = None
+    batch = s.decode_batch()
+    fresh = build_decode_plan(s.tree.relay, batch.reqs, batch.req_pool_indices_cpu, batch.seq_lens_cpu)
+    cached = p7
+    for f in ("group_level", "group_start", "group_end", "member_indptr", "member_rows", "suffix_start",
+              "req_pool_indices"):
+        assert torch.equal(getattr(fresh, f), getattr(cached, f)), f
+    assert fresh.fingerprint() != cached.fingerprint()  # one token longer: seq_lens differ
+    s.after_decode(batch)
     for r in list(s.running):
         s.finish(r)
     check_no_leak(s)

@@ -45,11 +45,22 @@ def test_flashinfer(kind, hq, hkv):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["mixed", "nested", "big_group", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-def test_hybrid_flashinfer_suffix(kind, hq, hkv, dtype):
-    """The server's default: FlashInfer decode suffix state + Triton prefix parts merged in place."""
+@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream"])
+def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
+    """The server's default: FlashInfer decode suffix state + Triton prefix parts merged in place
+    (hybrid_stream: the prefix launch on a side stream, concurrent with the suffix decode)."""
     from tests._relay_gpu_checks import check
 
-    _assert(check("hybrid", kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
+    _assert(check(path, kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_prefix_stream_under_cuda_graph(hq, hkv):
+    """Fork/join of the side-stream prefix launch captured in a CUDA graph and replayed."""
+    from tests._relay_gpu_checks import check_stream_graph
+
+    for row in check_stream_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16):
+        _assert(row)
 
 
 @pytest.mark.parametrize("path", ["triton", "flashinfer"])

@@ -285,8 +285,9 @@ def test_summarize_synthetic_jsonl(tmp_path):
     assert cells[9] == "4.00x"  # TPOT speedup 60 / 15
     assert cells[12:14] == ["1.20", "4.80"]  # relay 15 / vanilla control 12.5; vanilla 60 / 12.5
     assert "vanilla MISMATCH +5.0%" in cells[14]
+    assert cells[15] == "raw"  # both twins from the one record (raw.jsonl)
     ctrl = next(l for l in md.splitlines() if l.startswith("| ctrl_c128"))
-    assert ctrl.rstrip().endswith("| exact |")
+    assert ctrl.rstrip().endswith("| exact | raw |")
     doc = json.loads((tmp_path / "res" / "serving-h100-80gb-hbm3.json").read_text())
     assert doc["device"] == "NVIDIA H100 80GB HBM3"
     assert {(t["workload"], t["relay"]["output_throughput"]) for t in doc["table"]} == {
@@ -571,6 +572,11 @@ def test_server_log_profile_of_a_burst():
     0.5.16's scheduler: one Decode line per 40 steps; a step costs running / gen throughput)."""
     import server_log
 
+    from relay_radix.metrics import format_host
+
+    # relay's host figures as the decode log filter writes them: 40 steps, 0.2 / 0.4 ms per step
+    host_a = format_host(0.002, 0.006, 40, 40)
+    host_b = format_host(0.004, 0.012, 40, 30)
     lines = [
         "[2026-11-23 20:06:34] Prefill batch, #new-seq: 1, #new-token: 8320, #cached-token: 0, token usage: 0.02, "
         "#running-req: 0, #queue-req: 3, #pending-token: 0, cuda graph: False, input throughput (token/s): 1.0",
@@ -579,9 +585,11 @@ def test_server_log_profile_of_a_burst():
         "[2026-11-23 20:06:37] Decode batch, #running-req: 64, #token: 1, token usage: 0.2, cuda graph: True, "
         "gen throughput (token/s): 3200.00, #queue-req: 0, relay: groups 1, members 64, shared 8192 tok, KV read 1/2 GB (-50%)",
         "[2026-11-23 20:06:38] Decode batch, #running-req: 128, #token: 1, token usage: 0.3, cuda graph: True, "
-        "gen throughput (token/s): 8000.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%)",
+        "gen throughput (token/s): 8000.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%), "
+        + host_a,
         "[2026-11-23 20:06:39] Decode batch, #running-req: 128, #token: 1, token usage: 0.3, cuda graph: True, "
-        "gen throughput (token/s): 6400.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%)",
+        "gen throughput (token/s): 6400.00, #queue-req: 0, relay: groups 1, members 128, shared 8192 tok, KV read 1/2 GB (-50%), "
+        + host_b,
         "[2026-11-23 20:06:40] Decode batch, #running-req: 120, #token: 1, token usage: 0.3, cuda graph: True, "
         "gen throughput (token/s): 10000.00, #queue-req: 0",
         "[2026-11-23 20:07:30] Decode batch, #running-req: 8, #token: 1, token usage: 0.3, cuda graph: True, "
@@ -595,5 +603,6 @@ def test_server_log_profile_of_a_burst():
     # Intervals with >= 0.9 * 128 running: 16 ms, 20 ms, 12 ms per step -> median 16, best 12.
     assert (s["full_batch_intervals"], s["full_batch_step_ms"], s["best_step_ms"]) == (3, 16.0, 12.0)
     assert s["relay_shared_tokens"] == [8192]
+    assert (s["relay_host_ms"], s["relay_plan_reuse_pct"]) == (0.3, 88)  # medians of (0.2, 0.4) and (100, 75)
     w = server_log.profile_window(text, server_log._epoch("2026-11-23 20:06:38"), server_log._epoch("2026-11-23 20:06:39"))
     assert w["admitted"] == 0 and w["peak_running"] == 128  # +-1 s: lines of 20:06:37..40

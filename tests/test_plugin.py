@@ -99,9 +99,10 @@ def test_config_from_env_validates(monkeypatch):
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "flashinfer")
     cfg = RelayConfig.from_env()
     assert (cfg.min_group_size, cfg.demote_group_size, cfg.kernel) == (8, 4, "flashinfer")
-    assert cfg.plan_reuse is False  # off until measured on the GPU
-    monkeypatch.setenv("RELAY_RADIX_PLAN_REUSE", "1")
-    assert RelayConfig.from_env().plan_reuse is True
+    assert cfg.plan_reuse is True and cfg.prefix_stream is True  # the defaults
+    monkeypatch.setenv("RELAY_RADIX_PLAN_REUSE", "0")
+    monkeypatch.setenv("RELAY_RADIX_PREFIX_STREAM", "0")
+    assert (RelayConfig.from_env().plan_reuse, RelayConfig.from_env().prefix_stream) == (False, False)
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "cuda")
     with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL"):
         RelayConfig.from_env()

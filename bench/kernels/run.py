@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -255,15 +256,20 @@ def k_relay_fi(w):
     return _planned(wr, w, sm_scale=w["sm_scale"])
 
 
-def k_relay_hybrid(w):
-    """The server's default: FlashInfer decode over the suffixes + Triton prefix parts merged on top."""
+def k_relay_hybrid(w, prefix_stream: bool = False):
+    """The server's path: FlashInfer decode over the suffixes + Triton prefix parts merged on top
+    (``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode)."""
     from tests._relay_gpu_checks import HybridRelay
 
     bs = w["bs"]
-    wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, max_bs=max(bs, 256),
+    wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, prefix_stream=prefix_stream, max_bs=max(bs, 256),
                      max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
                      max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1)
     return _planned(wr, w, sm_scale=w["sm_scale"])
+
+
+def k_relay_hybrid_stream(w):
+    return k_relay_hybrid(w, prefix_stream=True)
 
 
 KERNELS = {
@@ -273,6 +279,7 @@ KERNELS = {
     "relay_triton": k_relay_triton,
     "relay_fi": k_relay_fi,
     "relay_hybrid": k_relay_hybrid,
+    "relay_hybrid_stream": k_relay_hybrid_stream,
 }
 
 
@@ -332,6 +339,9 @@ def timing_configs(quick: bool):
         # The serving control's decode step: 128 requests, 128-token prompt + up to 256 generated.
         yield f"{sname} no-sharing short B=128", dict(hq=hq, hkv=hkv, d=d, bs=128, groups_spec=[],
                                                        suffix_lo=129, suffix_hi=384)
+        # The serving 2K workload's decode step (concurrency 64).
+        yield f"{sname} P=2048 B=64 (serving 2K)", dict(hq=hq, hkv=hkv, d=d, bs=64, groups_spec=[[(0, 64, 2048)]],
+                                                        suffix_lo=129, suffix_hi=384)
         # The serving 8K workload's decode step.
         yield f"{sname} P=8192 B=128 (serving 8K)", dict(hq=hq, hkv=hkv, d=d, bs=128, groups_spec=[[(0, 128, 8192)]],
                                                          suffix_lo=129, suffix_hi=384)
@@ -399,11 +409,13 @@ def write_reports(res, out_dir, dev_tag):
         lines.append(f"| {r.get('path')} | {r.get('case')} | {r.get('dtype')} | {r.get('hq')}/{r.get('hkv')} | {r.get('d')} | "
                      f"{r.get('rel_err', float('nan')):.2e} | {r.get('max_abs', float('nan')):.2e} | "
                      f"{'yes' if r.get('ok') else 'NO ' + r.get('error', '')[:80]} |")
-    ks = list(KERNELS)
+    ks = [k for k in KERNELS if any(k in r.get("ms", {}) for r in res.get("timing", []))]
     lines += ["", "## Decode attention time per layer (ms, median, CUDA graph, L2 flushed)", "",
-              "relay_triton: Triton prefix + Triton suffix + merge. relay_hybrid: the server's default, FlashInfer "
-              "batch decode over each row's suffix + Triton prefix parts merged on top. relay_fi: FlashInfer prefill "
-              "per group + FlashInfer decode + merge. Ratios: the other kernel's time over relay's (> 1: relay faster).",
+              "relay_triton: Triton prefix + Triton suffix + merge. relay_hybrid: FlashInfer batch decode over each "
+              "row's suffix + Triton prefix parts merged on top. relay_hybrid_stream (H, the server's default): the "
+              "same with the prefix launch on a side stream, concurrent with the suffix decode. relay_fi: FlashInfer "
+              "prefill per group + FlashInfer decode + merge. Ratios: the other kernel's time over relay's (> 1: relay "
+              "faster).",
               "", "| config | floor | " + " | ".join(ks) + " | T % floor | H % floor | T vs cascade | H vs cascade | "
               "T vs FI decode | H vs FI decode | plan ms (T/FI/H) |",
               "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
@@ -419,11 +431,13 @@ def write_reports(res, out_dir, dev_tag):
         def frac(relay):
             return f"{100 * r['frac_floor'].get(relay, 0):.0f}%"
 
-        plan = "/".join(f"{r['plan_ms'].get(k, 0):.2f}" for k in ("relay_triton", "relay_fi", "relay_hybrid"))
+        # H: the server's default path (side-stream prefix); records without it show relay_hybrid.
+        h = "relay_hybrid_stream" if ms.get("relay_hybrid_stream") else "relay_hybrid"
+        plan = "/".join(f"{r['plan_ms'].get(k, 0):.2f}" for k in ("relay_triton", "relay_fi", h))
         lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | " + " | ".join(f(ms.get(k)) for k in ks) +
-                     f" | {frac('relay_triton')} | {frac('relay_hybrid')} | {ratio('fi_cascade', 'relay_triton')} | "
-                     f"{ratio('fi_cascade', 'relay_hybrid')} | {ratio('fi_decode', 'relay_triton')} | "
-                     f"{ratio('fi_decode', 'relay_hybrid')} | {plan} |")
+                     f" | {frac('relay_triton')} | {frac(h)} | {ratio('fi_cascade', 'relay_triton')} | "
+                     f"{ratio('fi_cascade', h)} | {ratio('fi_decode', 'relay_triton')} | "
+                     f"{ratio('fi_decode', h)} | {plan} |")
     if res.get("variants"):
         lines += ["", "## relay-Triton launch variants", "", "| config | variant | ms |", "|---|---|---|"]
         for v in res["variants"]:
@@ -454,6 +468,10 @@ def main():
     ap.add_argument("--warm-fi", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--configs", default=None, help="regex: only timing configs whose name matches")
+    ap.add_argument("--kernels", default=None, help="comma list of timing columns (default all: "
+                    + ",".join(KERNELS) + ")")
+    ap.add_argument("--no-variants", action="store_true", help="skip the relay-Triton launch variants")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configs after this")
     ap.add_argument("--correctness-s", type=float, default=120.0, help="stop starting new checks after this")
     args = ap.parse_args()
@@ -479,13 +497,22 @@ def main():
         write_reports(res, args.out, dev_tag)
         bad = [r for r in res["correctness"] if not r.get("ok")]
         log(f"correctness: {len(res['correctness']) - len(bad)}/{len(res['correctness'])} ok")
+    kernels = KERNELS
+    if args.kernels:
+        unknown = set(args.kernels.split(",")) - set(KERNELS)
+        if unknown:
+            raise SystemExit(f"unknown kernels {sorted(unknown)}; known: {', '.join(KERNELS)}")
+        kernels = {k: KERNELS[k] for k in args.kernels.split(",")}
+    res["args"] = vars(args)
     for cname, spec in timing_configs(args.quick):
+        if args.configs and not re.search(args.configs, cname):
+            continue
         if time.time() > deadline:
             log("timing: deadline reached, skipping", cname)
             continue
         try:
             w = make_workload(**spec)
-            row = run_config(cname, w, bw, KERNELS)
+            row = run_config(cname, w, bw, kernels)
             del w
         except Exception as e:  # noqa: BLE001
             row = dict(config=cname, ms={}, frac_floor={}, plan_ms={}, floor_ms=0.0, error=repr(e)[:300])
@@ -499,10 +526,11 @@ def main():
     variants = {"bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
                 "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4)}
-    for cname, spec in [("llama2-7b P=4096 B=128", dict(hq=32, hkv=32, d=128, bs=128, groups_spec=[[(0, 128, 4096)]])),
+    variant_configs = [] if args.no_variants else [("llama2-7b P=4096 B=128", dict(hq=32, hkv=32, d=128, bs=128, groups_spec=[[(0, 128, 4096)]])),
                         ("llama3-8b P=16384 B=256", dict(hq=32, hkv=8, d=128, bs=256, groups_spec=[[(0, 256, 16384)]])),
                         ("llama2-7b no-sharing 4K B=32", dict(hq=32, hkv=32, d=128, bs=32, groups_spec=[],
-                                                              suffix_lo=4096, suffix_hi=4096))]:
+                                                              suffix_lo=4096, suffix_hi=4096))]
+    for cname, spec in variant_configs:
         if time.time() > deadline:
             break
         w = make_workload(**spec)

@@ -3,7 +3,10 @@
 # kernel tests (tests/test_kernels_gpu.py). Run from the repository root with .device carried:
 #   bash bench/kernels/run_device.sh            # results under $OUT (default ./out)
 # Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
-#      PYTEST_K (pytest -k expression, default: all GPU kernel tests).
+#      PYTEST_K (pytest -k expression, default: all GPU kernel tests),
+#      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
+# With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
+# modules it holds are installed as AOT modules and Triton's cache is reused: no nvcc for those.
 T0=$(date +%s)
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-./out}
@@ -12,12 +15,20 @@ if [ ! -f /tmp/site/.relay_site_stamp ]; then
   tar -C /tmp/site -xJf .device/site312.tar.xz && touch /tmp/site/.relay_site_stamp
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws PATH=/usr/local/cuda/bin:$PATH
+export TRITON_CACHE_DIR=/tmp/triton-cache
+if [ -f .device/jit-cache.tar.xz ] && [ ! -d /tmp/jit-cache ]; then
+  mkdir -p /tmp/jit-cache /tmp/site/flashinfer/data/aot "$TRITON_CACHE_DIR"
+  tar -C /tmp/jit-cache -xJf .device/jit-cache.tar.xz
+  cp -a /tmp/jit-cache/aot/. /tmp/site/flashinfer/data/aot/
+  [ -d /tmp/jit-cache/triton ] && cp -a /tmp/jit-cache/triton/. "$TRITON_CACHE_DIR"/
+fi
 python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . > "$OUT/pip.log" 2>&1
 # The repository root comes first on sys.path for pytest and the bench (they import tests.*):
 # let its relay_radix/ see the kernels/ and patches/ folders as installed (package-dir mapping).
 ln -sfn ../kernels relay_radix/kernels
 ln -sfn ../patches relay_radix/patches
-python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" \
+eval "set -- ${RUN_ARGS:-}"
+python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" "$@" \
   > "$OUT/kernels.log" 2>&1
 echo "bench rc=$? at $(( $(date +%s) - T0 ))s"
 LEFT=$(( 560 - ($(date +%s) - T0) ))

@@ -37,6 +37,7 @@ _TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 _PREFILL = re.compile(r"Prefill batch.*?#new-seq: (\d+).*?#queue-req: (\d+)")
 _DECODE = re.compile(r"Decode batch, #running-req: (\d+).*?gen throughput \(token/s\): ([\d.]+)")
 _SHARED = re.compile(r"relay: groups (\d+), members (\d+), shared (\d+) tok")
+_HOST = re.compile(r"host ([\d.]+) ms/step \(hook [\d.]+, metadata [\d.]+, plan reuse (\d+)%\)")
 
 
 @dataclasses.dataclass
@@ -48,12 +49,14 @@ class Burst:
     last_prefill: float | None = None
     max_queue: int = 0
     decode: list = dataclasses.field(default_factory=list)  # (running, gen tok/s, shared tokens or None)
+    host: list = dataclasses.field(default_factory=list)  # (running, relay host ms/step, plan reuse %)
 
     def summary(self, full_frac: float = 0.9) -> dict:
         peak = max((r for r, _, _ in self.decode), default=0)
         full = [(r, g, s) for r, g, s in self.decode if peak and r >= full_frac * peak and g > 0]
         steps = [1e3 * r / g for r, g, _ in full]
         shared = sorted({s for _, _, s in full if s is not None})
+        host = [(h, u) for r, h, u in self.host if peak and r >= full_frac * peak]
         return {
             "admitted": self.admitted,
             "arrival_span_s": (self.last_prefill - self.first_prefill) if self.first_prefill is not None else None,
@@ -63,6 +66,9 @@ class Burst:
             "full_batch_step_ms": round(statistics.median(steps), 2) if steps else None,
             "best_step_ms": round(min(steps), 2) if steps else None,  # an interval with no prefill in it
             "relay_shared_tokens": shared or None,
+            # relay's own host time per decode step at full batch (median of the log intervals)
+            "relay_host_ms": round(statistics.median(h for h, _ in host), 3) if host else None,
+            "relay_plan_reuse_pct": round(statistics.median(u for _, u in host)) if host else None,
         }
 
 
@@ -93,6 +99,9 @@ def parse(text: str, gap_s: float = 15.0) -> list[Burst]:
         else:
             s = _SHARED.search(line)
             b.decode.append((int(d.group(1)), float(d.group(2)), int(s.group(3)) if s else None))
+            h = _HOST.search(line)
+            if h:
+                b.host.append((int(d.group(1)), float(h.group(1)), int(h.group(2))))
     return bursts
 
 
@@ -130,11 +139,13 @@ def main(argv: list[str]) -> int:
         report[name] = rows
         print(f"== {name}")
         print("| start (UTC) | s | admitted | arrival span s | max queue | peak running | full-batch step ms "
-              "(median / best) | relay shared tok |")
-        print("|---|---|---|---|---|---|---|---|")
+              "(median / best) | relay shared tok | relay host ms/step (plan reuse) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            host = f"{r['relay_host_ms']} ({r['relay_plan_reuse_pct']}%)" if r["relay_host_ms"] is not None else "-"
             print(f"| {r['start_utc']} | {r['dur_s']:.0f} | {r['admitted']} | {r['arrival_span_s']} | {r['max_queue']} | "
-                  f"{r['peak_running']} | {r['full_batch_step_ms']} / {r['best_step_ms']} | {r['relay_shared_tokens']} |")
+                  f"{r['peak_running']} | {r['full_batch_step_ms']} / {r['best_step_ms']} | {r['relay_shared_tokens']} "
+                  f"| {host} |")
     print(json.dumps(report) if "--json" in sys.argv else "", end="")
     return 0
 

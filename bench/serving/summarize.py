@@ -87,8 +87,20 @@ def index(calls: list[dict]) -> dict:
                 continue
             model = run.get("model") or call.get("model")
             key = (model, run["workload"], run.get("rate"))
-            table.setdefault(key, {})[run["system"]] = run
+            table.setdefault(key, {})[run["system"]] = dict(run, record=record_name(call.get("source")))
     return table
+
+
+def record_name(source: str | None) -> str:
+    """``bench/results/raw/serving-h100-s4-call3.json`` -> ``h100-s4-call3`` (the device call a row comes from)."""
+    stem = Path(source or "?").stem
+    return stem[len("serving-"):] if stem.startswith("serving-") else stem
+
+
+def _records(*runs) -> str:
+    """Where a table row's runs come from: one name for twins of one call, else each name."""
+    names = list(dict.fromkeys(r["record"] for r in runs if r is not None and r.get("record")))
+    return " / ".join(names) or "–"
 
 
 def _f(x, fmt="{:.0f}") -> str:
@@ -181,8 +193,8 @@ def markdown(calls: list[dict]) -> str:
                 "| workload | what | relay tok/s | vanilla tok/s | tok/s ratio | relay med TTFT ms | "
                 "vanilla med TTFT ms | relay med TPOT ms | vanilla med TPOT ms | TPOT speedup | "
                 "relay p99 TPOT ms | vanilla p99 TPOT ms | relay TPOT / control | vanilla TPOT / control | "
-                "input tokens |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "input tokens | record |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, w in WORKLOADS.items():
             runs = table.get((model, name, None))
             if not runs:
@@ -201,6 +213,7 @@ def markdown(calls: list[dict]) -> str:
                 _ratio(_get(r, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
                 _ratio(_get(v, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
                 _input_note(runs),
+                _records(r, v),
             ]) + " |")
         out.append("")
         refs = [(name, system, runs[system], runs.get("vanilla"), runs.get("relay"))
