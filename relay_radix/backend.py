@@ -172,12 +172,13 @@ class RelayAttnBackend(AttentionBackend):
 
     def _plan_decode(self, fb, *, in_capture: bool, graph: bool):
         t0 = time.perf_counter()
-        reused = self._plan_decode_timed(fb, in_capture=in_capture, graph=graph)
+        reused = self._decode_metadata(fb, in_capture=in_capture, graph=graph)
         if not in_capture:
             self.host.add_backend(time.perf_counter() - t0, reused)
 
-    def _plan_decode_timed(self, fb, *, in_capture: bool, graph: bool) -> bool:
-        """Metadata of one decode step; returns True when the prefix plan was reused."""
+    def _decode_metadata(self, fb, *, in_capture: bool, graph: bool) -> bool:
+        """Metadata of one decode step (suffix plan, prefix slot lists, work lists); returns
+        True when the kernel's buffers already held this step's prefix plan."""
         plan = self._take_plan(fb, in_capture)
         self.plan = plan
         bs = fb.batch_size  # padded rows (CUDA graph) follow the plan's rows, in no group
@@ -265,10 +266,8 @@ class HostTime:
     reported next to the step time (decode log line, ``/metrics``). Each reader keeps its own
     mark and gets the change since its last read (:meth:`since`)."""
 
-    FIELDS = ("hook_s", "metadata_s", "steps", "reused")
-
     def __init__(self) -> None:
-        self.total = [0.0, 0.0, 0, 0]  # FIELDS: hook s, metadata s, decode steps, prefix plans reused
+        self.total = [0.0, 0.0, 0, 0]  # hook s, metadata s, decode steps, steps that reused the prefix plan
 
     def add_hook(self, seconds: float) -> None:
         self.total[0] += seconds

@@ -71,14 +71,21 @@ class DecodeLogFilter(logging.Filter):
 class RelayPrometheus:
     """Relay gauges (last step) and counters (totals) for ``/metrics``."""
 
-    def __init__(self, labels: dict[str, str]):
-        from prometheus_client import Counter, Gauge
+    def __init__(self, labels: dict[str, str], registry=None):
+        """``registry``: where the metrics register (default: prometheus_client's global one,
+        which SGLang's ``/metrics`` exports; tests pass a private ``CollectorRegistry``)."""
+        import functools
+
+        import prometheus_client
 
         names = list(labels)
         self.labels = labels
+        reg = dict(registry=registry) if registry is not None else {}
+        Counter = functools.partial(prometheus_client.Counter, **reg)
 
         def gauge(name, doc):
-            return Gauge(f"sglang:relay_{name}", doc, labelnames=names, multiprocess_mode="mostrecent")
+            return prometheus_client.Gauge(f"sglang:relay_{name}", doc, labelnames=names,
+                                           multiprocess_mode="mostrecent", **reg)
 
         self.groups = gauge("groups", "Relay groups in the last decode step")
         self.members = gauge("members", "Requests in at least one relay group (last decode step)")

@@ -56,9 +56,26 @@ class DecodeRelayPlan:
     member_indptr: torch.Tensor  # [G+1] group g's members: member_rows[member_indptr[g]:member_indptr[g+1]]
     member_rows: torch.Tensor  # [M] batch rows, ascending within a group
     suffix_start: torch.Tensor  # [bs] first token position of the row's own part
+    # Filled in by __post_init__ for a new structure (structure_id 0); dataclasses.replace
+    # copies them, so a plan that reuses a structure keeps its id, totals and digest.
     structure_id: int = 0
     totals: PlanTotals = PlanTotals(0, 0, 0)
     structure_digest: bytes = b""  # hash of the structure arrays (fingerprint's first part)
+
+    def __post_init__(self):
+        if self.structure_id:
+            return
+        self.structure_id = next(_structure_ids)
+        self.totals = PlanTotals(
+            members=int((self.suffix_start > 0).sum()),
+            shared_tokens=int(self.prefix_lens.sum()),
+            suffix_start_tokens=int(self.suffix_start.sum()),
+        )
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.req_pool_indices, self.group_level, self.group_start, self.group_end,
+                  self.member_indptr, self.member_rows, self.suffix_start):
+            h.update(t.numpy().tobytes())
+        self.structure_digest = h.digest()
 
     @property
     def num_groups(self) -> int:
@@ -87,27 +104,11 @@ class DecodeRelayPlan:
         return h.hexdigest()
 
 
-def _finish_structure(plan: DecodeRelayPlan) -> DecodeRelayPlan:
-    """Give a freshly built plan its structure id, totals and digest."""
-    plan.structure_id = next(_structure_ids)
-    plan.totals = PlanTotals(
-        members=int((plan.suffix_start > 0).sum()),
-        shared_tokens=int(plan.prefix_lens.sum()),
-        suffix_start_tokens=int(plan.suffix_start.sum()),
-    )
-    h = hashlib.blake2b(digest_size=16)
-    for t in (plan.req_pool_indices, plan.group_level, plan.group_start, plan.group_end,
-              plan.member_indptr, plan.member_rows, plan.suffix_start):
-        h.update(t.numpy().tobytes())
-    plan.structure_digest = h.digest()
-    return plan
-
-
 def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> DecodeRelayPlan:
     """A plan with no groups: every row decodes its whole sequence as its own part."""
     bs = int(seq_lens.numel())
     z = torch.zeros(0, dtype=torch.int32)
-    return _finish_structure(DecodeRelayPlan(
+    return DecodeRelayPlan(
         batch_size=bs,
         seq_lens=seq_lens.to(torch.int32).cpu(),
         req_pool_indices=req_pool_indices.to(torch.int32).cpu(),
@@ -115,7 +116,7 @@ def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> Decode
         member_indptr=torch.zeros(1, dtype=torch.int32),
         member_rows=z,
         suffix_start=torch.zeros(bs, dtype=torch.int32),
-    ))
+    )
 
 
 def build_decode_plan(
@@ -183,7 +184,7 @@ def _build_structure(manager: "RelayGroupManager", reqs: Sequence["Req"], pool: 
     member_indptr = torch.zeros(len(order) + 1, dtype=torch.int32)
     member_indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0)
     first_rows = member_indptr[:-1].long()
-    return _finish_structure(DecodeRelayPlan(
+    return DecodeRelayPlan(
         batch_size=len(reqs),
         seq_lens=lens,
         req_pool_indices=pool,
@@ -194,7 +195,7 @@ def _build_structure(manager: "RelayGroupManager", reqs: Sequence["Req"], pool: 
         member_indptr=member_indptr,
         member_rows=member_rows,
         suffix_start=torch.tensor(suffix_start, dtype=torch.int32),
-    ))
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

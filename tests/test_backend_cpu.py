@@ -45,10 +45,11 @@ def layers(sched, logit_cap=0.0):
             for i in range(sched.num_layers)]
 
 
-def decode_and_compare(sched, runner, relay, native, attn_layers, gen) -> float:
-    """One decode step through both backends; returns the max relative error over layers."""
+def decode_and_compare(sched, runner, relay, native, attn_layers, gen, scheduler=None) -> float:
+    """One decode step through both backends; returns the max relative error over layers.
+    ``scheduler``: what the hook reads off SGLang's Scheduler (default: just the backend)."""
     batch = sched.decode_batch()
-    scheduler = types.SimpleNamespace(_relay_backend=relay)  # what the hook reads off Scheduler
+    scheduler = scheduler or types.SimpleNamespace(_relay_backend=relay)
     before_run_batch(scheduler, batch)
     fb = forward_batch(sched, batch, runner)
     relay.init_forward_metadata(fb)
@@ -213,5 +214,55 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
         assert relay.plans_reused >= 3
     else:
         assert relay.plans_reused == 0
+    for r in list(s.running):
+        s.finish(r)
+
+
+def test_decode_log_line_and_prometheus_after_real_steps():
+    """Observability after real decode steps: the decode log line gets the plan's figures and
+    relay's host time per step; the Prometheus metrics (a private registry) count the same."""
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from relay_radix.metrics import DecodeLogFilter, RelayPrometheus
+
+    cfg = RelayConfig(min_group_size=3, min_prefix_tokens=64, gate=False)
+    s = MiniScheduler(relay_config=cfg)
+    runner, relay, native = make_backends(s)
+    relay.config = cfg
+    registry = CollectorRegistry()
+    prom = RelayPrometheus({"tp_rank": "0"}, registry=registry)
+    scheduler = types.SimpleNamespace(_relay_backend=relay, _relay_prometheus=prom)
+    system = words(1, 300)
+    s.prefill([s.new_req(system + words(2, 10))])
+    s.prefill([s.new_req(system + words(3 + i, 10)) for i in range(3)] + [s.new_req(words(9, 40))])
+    gen = torch.Generator().manual_seed(0)
+    log_filter = DecodeLogFilter(lambda: relay.last_stats, host=relay.host)
+    for _ in range(3):
+        assert decode_and_compare(s, runner, relay, native, layers(s), gen, scheduler) < 1e-5
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
+    assert log_filter.filter(record)
+    line = record.getMessage()
+    assert "relay: groups 1, members 4, shared 300 tok" in line, line
+    host_ms = float(line.split("host ")[1].split(" ms/step")[0])
+    assert host_ms > 0 and "plan reuse 0%" in line  # the CPU path gathers every step
+    again = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
+    log_filter.filter(again)
+    assert "host: no decode step" in again.getMessage()  # a reader sees each step once
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"tp_rank": "0", **labels})
+
+    assert (value("sglang:relay_groups"), value("sglang:relay_members")) == (1.0, 4.0)
+    assert value("sglang:relay_shared_tokens") == 300.0
+    read, vanilla = value("sglang:relay_kv_bytes_read_total"), value("sglang:relay_kv_bytes_vanilla_total")
+    assert 0 < read < vanilla
+    # Each hook adds the backend steps finished before it: steps 1 and 2 by the end of step 3.
+    assert value("sglang:relay_decode_steps_total") == 2.0
+    assert value("sglang:relay_plans_reused_total") == 0.0
+    assert value("sglang:relay_host_seconds_total", part="hook") > 0
+    assert value("sglang:relay_host_seconds_total", part="metadata") > 0
     for r in list(s.running):
         s.finish(r)
