@@ -69,6 +69,7 @@ class TritonRelayDecode:
         num_sms: programs are sized from it (default: the device's SM count).
         prefix_stream: run the prefix launch on a side stream, concurrent with the suffix
             decode that ``run(suffix_state=...)`` issues (CUDA only; ignored on the CPU).
+        k_row_major: K tile load variant of the segment kernel (``launch_segment_attention``).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class TritonRelayDecode:
         num_warps_suffix: int = 4,
         num_stages_suffix: int = 3,
         prefix_stream: bool = False,
+        k_row_major: bool = False,
     ) -> None:
         assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads (GQA)"
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
@@ -116,6 +118,7 @@ class TritonRelayDecode:
         self.target_programs = self.num_sms * programs_per_sm
         self.launch_cfg = dict(num_warps_prefix=num_warps_prefix, num_stages_prefix=num_stages_prefix,
                                num_warps_suffix=num_warps_suffix, num_stages_suffix=num_stages_suffix)
+        self.k_row_major = k_row_major
         self.max_parts = max_parts or (4 * max_bs + 8 * max_members)
         max_tiles = max_groups + -(-max_members // self.members_per_tile)
         max_prefix_chunks = max(1, -(-self.max_parts // max(1, max_members)))
@@ -282,7 +285,7 @@ class TritonRelayDecode:
         assert k_buffer.shape[1:] == (self.num_kv_heads, self.head_dim)
         cfg = self.launch_cfg
         common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
-                      sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n)
+                      sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n, k_row_major=self.k_row_major)
 
         def launch_prefix():
             launch_segment_attention(

@@ -66,6 +66,7 @@ def _segment_attention_kernel(
     WORK_FIELDS: tl.constexpr,
     HAS_CAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    K_ROW_MAJOR: tl.constexpr,
 ):
     # A tile must hold at least one member's GQA heads, and tl.dot needs M >= 16.
     tl.static_assert(BLOCK_M >= GQA)
@@ -107,11 +108,19 @@ def _segment_attention_kernel(
             # Out-of-range keys load slot 0 and are masked to -inf below.
             slot = tl.load(Kv_Indices + kv_start + n, mask=mask_n, other=0).to(tl.int64)
             # int64 flat offsets: num_slots * num_kv_heads * head_dim exceeds 2**31 on big pools.
-            k = tl.load(
-                K_Buffer + slot[None, :] * stride_k_s + kv_head * stride_k_h + offs_d[:, None],
-                mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-            )  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(q, k, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
+            if K_ROW_MAJOR:
+                # K tile as stored ([BLOCK_N, BLOCK_D], head_dim contiguous), transposed for the dot.
+                k = tl.load(
+                    K_Buffer + slot[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+                )  # [BLOCK_N, BLOCK_D]
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
+            else:
+                k = tl.load(
+                    K_Buffer + slot[None, :] * stride_k_s + kv_head * stride_k_h + offs_d[:, None],
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+                )  # [BLOCK_D, BLOCK_N]
+                s = tl.dot(q, k, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
             if HAS_CAP:
                 s = logit_cap * _tanh(s / logit_cap)
             s = tl.where(mask_n[None, :], s * 1.4426950408889634, float("-inf"))  # base 2
@@ -157,6 +166,7 @@ def launch_segment_attention(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    k_row_major: bool = False,
 ) -> None:
     """Launch the segment kernel over a fixed persistent grid ``[num_programs, num_kv_heads]``.
 
@@ -164,6 +174,9 @@ def launch_segment_attention(
     dim contiguous); kv_indices/rows/slot_base int32; work ``[max_work, 5]`` int32;
     num_work ``[1]`` int32 (device); part_o ``[max_parts, num_q_heads, head_dim]`` fp32 and
     part_lse ``[max_parts, num_q_heads]`` fp32 (natural log) are written at the planned slots.
+    k_row_major: load each K tile as stored (``[BLOCK_N, BLOCK_D]``) and transpose it for the dot,
+    instead of gathering it transposed (``[BLOCK_D, BLOCK_N]``); same result, a launch variant
+    measured by ``bench/kernels/run.py`` (off by default until it is faster on the GPU).
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -183,6 +196,6 @@ def launch_segment_attention(
         GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, WORK_FIELDS=5, HAS_CAP=logit_cap > 0,
         # fp32 inputs: exact fp32 dot (tf32 would cost ~1e-3 relative error).
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None, K_ROW_MAJOR=k_row_major,
         num_warps=num_warps, num_stages=num_stages,
     )

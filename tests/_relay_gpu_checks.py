@@ -97,10 +97,10 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
     hq, d = case.q.shape[1], case.q.shape[2]
     hkv = case.k.shape[1]
     cap = cap or _capacity(case)
-    if path == "triton":
+    if path in ("triton", "triton_krow"):
         from relay_radix.kernels import TritonRelayDecode
 
-        return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **cap)
+        return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", k_row_major=path == "triton_krow", **cap)
     if path in ("hybrid", "hybrid_stream"):
         return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path == "hybrid_stream", **cap)
     from relay_radix.kernels import FlashInferRelayDecode

@@ -26,6 +26,15 @@ def test_triton_mixed(dtype, hq, hkv, d):
     _assert(check("triton", "mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=hq * 1000 + d))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_triton_k_row_major_variant(dtype, hq, hkv):
+    """The K-tile load variant measured by bench/kernels/run.py (``krow``) is exact too."""
+    from tests._relay_gpu_checks import check
+
+    _assert(check("triton_krow", "mixed", hq=hq, hkv=hkv, d=128, dtype=dtype, seed=hq * 7 + hkv))
+
+
 @pytest.mark.parametrize("kind", ["big_group", "nested", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 4)])
 def test_triton_shapes(kind, hq, hkv):

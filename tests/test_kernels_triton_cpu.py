@@ -52,6 +52,16 @@ def test_random_nested_batches(dtype, hq, hkv, d):
     _check(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_k_row_major_load_variant(dtype, hq, hkv):
+    """The K-tile load variant (as stored, transposed for the dot) gives the same attention."""
+    groups = random_groups(12, seed=hq * 10 + hkv, max_prefix=300, max_group=6)
+    case = make_case(bs=12, hq=hq, hkv=hkv, d=64, dtype=dtype, groups=groups,
+                     suffix_lens=[int(x) for x in np.random.default_rng(hq).integers(0, 200, 12)], seed=hkv)
+    _check(case, dtype, k_row_major=True)
+
+
 def test_head_dim_256_large_group():
     groups = [(list(range(0, 20)), 257), (list(range(0, 7)), 31), (list(range(20, 23)), 5)]
     case = make_case(bs=24, hq=4, hkv=2, d=256, dtype=torch.float16, groups=groups,

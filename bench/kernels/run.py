@@ -525,9 +525,14 @@ def main():
     # A few launch variants of relay-Triton on two configs (for tuning the defaults).
     variants = {"bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
-                "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4)}
+                "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4),
+                "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,
+                                                                       num_warps_prefix=8)}
     variant_configs = [] if args.no_variants else [("llama2-7b P=4096 B=128", dict(hq=32, hkv=32, d=128, bs=128, groups_spec=[[(0, 128, 4096)]])),
                         ("llama3-8b P=16384 B=256", dict(hq=32, hkv=8, d=128, bs=256, groups_spec=[[(0, 256, 16384)]])),
+                        ("llama3-8b P=8192 B=128 (serving 8K)", dict(hq=32, hkv=8, d=128, bs=128,
+                                                                    groups_spec=[[(0, 128, 8192)]],
+                                                                    suffix_lo=129, suffix_hi=384)),
                         ("llama2-7b no-sharing 4K B=32", dict(hq=32, hkv=32, d=128, bs=32, groups_spec=[],
                                                               suffix_lo=4096, suffix_hi=4096))]
     for cname, spec in variant_configs:
