@@ -135,6 +135,20 @@ def _row(path, kind, case, o, ref) -> dict:
                 ok=(not nan) and err < TOL[dtype])
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """Run ``fn`` once on a side stream (Triton/FlashInfer compile and allocate outside
+    capture, as PyTorch's graph recipe asks), then capture it; returns the graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
     """The side-stream prefix path under CUDA-graph capture: the fork/join is captured as graph
     edges, so a replay must equal the eager run (same plan; new q each replay)."""
@@ -143,14 +157,7 @@ def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list
     _plan("hybrid_stream", w, case)
     q = case.q.clone()
     o = torch.full_like(q, float("nan"))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        w.run(q, case.k, case.v, o, sm_scale=case.sm_scale)  # warm-up (compiles) outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, case.k, case.v, o, sm_scale=case.sm_scale)
+    graph = capture_graph(lambda: w.run(q, case.k, case.v, o, sm_scale=case.sm_scale))
     rows = []
     for scale in (1.0, -0.5):
         q.copy_(case.q * scale)
@@ -188,14 +195,7 @@ def check_graph(path: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype) -> 
         _plan(path, w, c)
 
     load(cases[0])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        w.run(q, k, v, o, sm_scale=cases[0].sm_scale)  # warm-up (compiles) outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, k, v, o, sm_scale=cases[0].sm_scale)
+    graph = capture_graph(lambda: w.run(q, k, v, o, sm_scale=cases[0].sm_scale))
     rows = []
     for c in cases[1:] + cases[:1]:
         load(c)

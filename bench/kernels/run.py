@@ -46,14 +46,9 @@ def bench_ms(fn, use_graph: bool = True) -> tuple[float, str]:
     f, mode = fn, "eager"
     if use_graph:
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
+            from tests._relay_gpu_checks import capture_graph
+
+            g = capture_graph(fn)
             g.replay()
             torch.cuda.synchronize()
             f, mode = g.replay, "graph"
