@@ -79,8 +79,7 @@ class RelayAttnBackend(AttentionBackend):
         # buffers hold (``_relay_plan_key`` = (padded bs, plan structure id), set here after
         # plan()); a step with the same key skips the slot gather and the work-list build. Only
         # with FlashInfer suffixes: the Triton suffix work changes every step.
-        self.plans_reused = 0
-        self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata)
+        self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata), reuse count
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, manager: "RelayGroupManager") -> None:
@@ -124,6 +123,11 @@ class RelayAttnBackend(AttentionBackend):
         return self._eager_kernel
 
     # ---- metadata --------------------------------------------------------------------------
+    @property
+    def plans_reused(self) -> int:
+        """Decode steps (outside capture) that reused the kernel's prefix plan."""
+        return self.host.total[3]
+
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode():
             self._plan_decode(forward_batch, in_capture=False, graph=False)
@@ -203,8 +207,7 @@ class RelayAttnBackend(AttentionBackend):
                 # suffixes (planned by FlashInfer above, every step) depend on them.
                 key = (bs, plan.structure_id)
                 if getattr(kernel, "_relay_plan_key", None) == key:
-                    self.plans_reused += 1  # the static buffers already hold this plan
-                    return True
+                    return True  # the static buffers already hold this plan
         else:
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
