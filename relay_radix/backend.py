@@ -104,9 +104,12 @@ class RelayAttnBackend(AttentionBackend):
         from relay_radix.kernels.triton_relay import TritonRelayDecode
 
         concurrent = self.suffix is not None and self.config.prefix_stream
-        logger.info("relay-radix: triton decode kernels, capacity %s, prefix on a side stream: %s", caps, concurrent)
+        launch = self.config.prefix_launch()
+        logger.info("relay-radix: triton decode kernels, capacity %s, prefix launch %s, prefix on a side stream: %s",
+                    caps, launch, concurrent)
         return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device,
-                                 external_suffix=self.suffix is not None, prefix_stream=concurrent, **caps)
+                                 external_suffix=self.suffix is not None, prefix_stream=concurrent,
+                                 **launch, **caps)
 
     def _kernel_for(self, bs: int):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.

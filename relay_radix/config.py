@@ -16,6 +16,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
 | ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
 | ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
+| ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2``: FA3-like tiles that halve the L2 re-reads of a GQA prefix; measure before use, ``bench/kernels/run.py --variants``) |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
@@ -52,6 +53,7 @@ class RelayConfig:
     suffix: str | None = None  # None: flashinfer when the base backend is flashinfer
     plan_reuse: bool = True
     prefix_stream: bool = True
+    prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
 
     def __post_init__(self):
         if self.min_group_size < 2:
@@ -72,10 +74,26 @@ class RelayConfig:
             raise ValueError(
                 f"RELAY_RADIX_SUFFIX={self.suffix!r}: choose one of {', '.join(SUFFIX_CHOICES)}"
             )
+        self.prefix_launch()  # validates prefix_tile
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_KERNEL={self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}"
             )
+
+    def prefix_launch(self) -> dict:
+        """``prefix_tile`` as ``TritonRelayDecode`` launch arguments (block_n also sets the
+        Triton suffix launch, which the server runs only with ``RELAY_RADIX_SUFFIX=triton``)."""
+        parts = self.prefix_tile.lower().split("x")
+        ok = len(parts) == 4 and all(p.isdigit() for p in parts)
+        if ok:
+            block_m, block_n, warps, stages = map(int, parts)
+            ok = block_m in (16, 32, 64, 128) and block_n in (16, 32, 64, 128) and warps in (4, 8) \
+                and 1 <= stages <= 4
+        if not ok:
+            raise ValueError(
+                f"RELAY_RADIX_PREFIX_TILE={self.prefix_tile!r}: write BLOCK_MxBLOCK_NxWARPSxSTAGES with "
+                "BLOCK_M, BLOCK_N in 16/32/64/128, WARPS 4 or 8, STAGES 1-4 (default 64x64x4x3)")
+        return dict(prefix_block_m=block_m, block_n=block_n, num_warps_prefix=warps, num_stages_prefix=stages)
 
     def suffix_kernel(self) -> str:
         """Where suffixes run on CUDA: FlashInfer decode unless asked otherwise or the base
@@ -98,4 +116,5 @@ class RelayConfig:
             suffix=os.environ.get("RELAY_RADIX_SUFFIX") or None,
             plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 1) != 0,
             prefix_stream=_env_int("RELAY_RADIX_PREFIX_STREAM", 1) != 0,
+            prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
         )

@@ -170,8 +170,8 @@ class ReferenceSuffixDecode:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; the GPU runs the real kernels")
-@pytest.mark.parametrize("reuse", [False, True])
-def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
+@pytest.mark.parametrize("reuse,tile", [(False, "64x64x4x3"), (True, "64x64x4x3"), (True, "128x128x8x2")])
+def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse, tile):
     """The server's CUDA path on the CPU: Triton relay kernel (interpreter) merging prefix parts
     onto an external suffix state. With RELAY_RADIX_PLAN_REUSE a step whose groups, members and
     source rows are unchanged skips the gather and the work-list build; outputs must still
@@ -179,13 +179,14 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse):
     from relay_radix.kernels.triton_relay import TritonRelayDecode
 
     cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, gate=False,
-                      plan_reuse=reuse)
+                      plan_reuse=reuse, prefix_tile=tile)
     s = MiniScheduler(num_q_heads=4, num_kv_heads=2, head_dim=32, relay_config=cfg)
     runner, relay, native = make_backends(s)
     relay.config = cfg
     relay.suffix = ReferenceSuffixDecode(relay)
-    kernel = TritonRelayDecode(4, 2, 32, s.dtype, "cpu", external_suffix=True, max_bs=16, max_groups=4,
-                               max_members=32, max_prefix_tokens=2048, max_suffix_tokens=0)
+    kernel = relay._make_kernel(16)  # the server's construction: external suffix, RELAY_RADIX_PREFIX_TILE
+    assert isinstance(kernel, TritonRelayDecode) and kernel.external_suffix
+    assert (kernel.prefix_block_m, kernel.block_n) == tuple(int(x) for x in tile.split("x")[:2])
     relay._kernel_for = lambda bs: kernel
     attn_layers = layers(s)[:2]
     gen = torch.Generator().manual_seed(3)

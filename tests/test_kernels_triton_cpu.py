@@ -62,6 +62,17 @@ def test_k_row_major_load_variant(dtype, hq, hkv):
     _check(case, dtype, k_row_major=True)
 
 
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
+def test_large_prefix_tiles(hq, hkv):
+    """128 x 128 prefix tiles (the bench's FA3-like launch variants): a tile stacks 32-128
+    members, keys run past the last full 128-key tile, and rows outside the tile are masked."""
+    bs = 40
+    groups = [(list(range(37)), 301), ([37, 38, 39], 129)]  # large + small group; prefixes not multiples of 128
+    case = make_case(bs=bs, hq=hq, hkv=hkv, d=64, dtype=torch.float32, groups=groups,
+                     suffix_lens=[int(x) for x in np.random.default_rng(7).integers(1, 150, bs)], seed=3)
+    _check(case, torch.float32, prefix_block_m=128, block_n=128, num_stages_prefix=2, num_stages_suffix=2)
+
+
 def test_head_dim_256_large_group():
     groups = [(list(range(0, 20)), 257), (list(range(0, 7)), 31), (list(range(20, 23)), 5)]
     case = make_case(bs=24, hq=4, hkv=2, d=256, dtype=torch.float16, groups=groups,

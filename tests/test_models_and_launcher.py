@@ -139,6 +139,15 @@ def test_launcher_rejects_bad_relay_flags(bad):
         launch_server.build_argv(["--model-path", "/m"] + bad, resolve=fake_resolve)
 
 
+def test_launcher_front_end_hint_only_without_a_parallel_tokenizer():
+    hint = launch_server.front_end_hint(["--model-path", "/m", "--attention-backend", "relay"])
+    assert hint is not None and "--enable-dynamic-batch-tokenizer" in hint
+    for given in (["--enable-dynamic-batch-tokenizer"], ["--tokenizer-worker-num", "4"],
+                  ["--tokenizer-worker-num=2"], ["--skip-tokenizer-init"]):
+        assert launch_server.front_end_hint(["--model-path", "/m"] + given) is None, given
+    assert launch_server.front_end_hint(["--model-path", "/m", "--tokenizer-worker-num", "1"]) is not None
+
+
 def test_launcher_tokenizer_path_alone_adds_no_dummy():
     argv, _ = launch_server.build_argv(["--model-path", "/real", "--tokenizer-path", "relay-radix/llama2-7b-mha"],
                                        resolve=fake_resolve)
@@ -284,8 +293,9 @@ def test_summarize_synthetic_jsonl(tmp_path):
     assert cells[2:5] == ["6000", "1500", "4.00x"]
     assert cells[9] == "4.00x"  # TPOT speedup 60 / 15
     assert cells[12:14] == ["1.20", "4.80"]  # relay 15 / vanilla control 12.5; vanilla 60 / 12.5
-    assert "vanilla MISMATCH +5.0%" in cells[14]
-    assert cells[15] == "raw"  # both twins from the one record (raw.jsonl)
+    assert cells[14:16] == ["– / –", "–"]  # raw JSONL carries no server log profile
+    assert "vanilla MISMATCH +5.0%" in cells[16]
+    assert cells[17] == "raw"  # both twins from the one record (raw.jsonl)
     ctrl = next(l for l in md.splitlines() if l.startswith("| ctrl_c128"))
     assert ctrl.rstrip().endswith("| exact | raw |")
     doc = json.loads((tmp_path / "res" / "serving-h100-80gb-hbm3.json").read_text())
@@ -322,6 +332,22 @@ def test_summarize_results_json_with_rate_search_and_plots(tmp_path):
     assert "ERROR: something broke" in md
     assert (tmp_path / f"serving-h200-{m}.png").stat().st_size > 0
     assert (tmp_path / f"serving-h200-{m}-rate.png").stat().st_size > 0
+
+
+def test_summarize_full_batch_step_over_the_control_step(tmp_path):
+    def run(system, workload, tput, step):
+        return {"system": system, "workload": workload, "rate": None, "result": _record("x", tput, 10.0, 1),
+                "server_profile": {"full_batch_step_ms": step}}
+
+    call = {"model": "llama2-7b-mha", "device": "NVIDIA H100 80GB HBM3", "runs": [
+        run("relay", "gsp8k_c128", 6000.0, 15.0), run("vanilla", "gsp8k_c128", 1800.0, 65.0),
+        run("relay", "ctrl_c128", 7900.0, 12.0), run("vanilla", "ctrl_c128", 7800.0, 12.5)]}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(call))
+    assert summarize.main([str(src), "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    md = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128 |"))
+    assert "| 15.0 / 65.0 | 1.20 |" in row  # 15 ms over vanilla's 12.5 ms control step
 
 
 def test_rate_searches_of_two_calls_merge_into_one_bracket():
@@ -395,6 +421,7 @@ class H(BaseHTTPRequestHandler):
         self.reply({}, 404)
 
     def do_POST(self):
+        received = time.time()
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         print(json.dumps({"n": len(req["text"]) if isinstance(req["text"], list) else 1,
                           "max_new_tokens": req["sampling_params"].get("max_new_tokens")}), flush=True)
@@ -409,11 +436,16 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
+        first_sent = None
         for k in range(1, n + 1, max(1, n // 8)):
             chunk = {"text": " ".join(["the"] * k), "meta_info": {"completion_tokens": k}}
+            first_sent = first_sent or time.time()
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
             time.sleep(0.002)
+        # SGLang's stage timestamps (meta_info with --enable-metrics), as ttft_probe.py reads them.
+        outs[0]["meta_info"].update(request_received_ts=received, api_server_dispatch_finish_ts=received + 0.001,
+                                    response_sent_to_client_ts=first_sent or time.time())
         self.wfile.write(f"data: {json.dumps(outs[0])}\n\ndata: [DONE]\n\n".encode())
         self.close_connection = True
 
@@ -482,6 +514,29 @@ def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| nested_c128 |" in md and "| frontend8k |" in md
     assert len(list((tmp_path / "out").iterdir())) <= 8  # what the device sends back
+
+
+def test_driver_runs_the_ttft_probe_and_summarize_shows_it(fake_driver, tmp_path):
+    d = fake_driver("--workloads", "probe8k", "--systems", "relay,vanilla", "--budget-s", "3000",
+                    "--server-args=--enable-metrics --enable-dynamic-batch-tokenizer")
+    assert d.main() == 0, d.results["errors"]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["system"], r["workload"]) for r in res["runs"]] == [("relay", "probe8k"), ("vanilla", "probe8k")]
+    for run in res["runs"]:
+        stages, points = run["probe"]["stages"], run["probe"]["points"]
+        assert stages["ttft"]["n"] == stages["receive"]["n"] == 128
+        assert 0 <= stages["receive"]["median_ms"] <= stages["ttft"]["median_ms"] <= stages["ttft"]["p99_ms"]
+        assert stages["tokenize_dispatch"]["median_ms"] == pytest.approx(1.0, abs=0.01)
+        order = ["request_received_ts", "api_server_dispatch_finish_ts", "response_sent_to_client_ts",
+                 "first_chunk", "done"]
+        assert [points[k]["first_s"] for k in order] == sorted(points[k]["first_s"] for k in order)
+        assert all(points[k]["n"] == 128 for k in order)
+    assert summarize.main([str(tmp_path / "out" / "results.json"), "--out-dir", str(tmp_path / "sum"),
+                           "--suffix", "dyntok", "--no-plots"]) == 0
+    md = (tmp_path / "sum" / "serving-fake-gpu-dyntok.md").read_text()
+    assert "both servers with `--enable-metrics --enable-dynamic-batch-tokenizer`" in md
+    rows = [l for l in md.splitlines() if l.startswith("| probe8k |")]
+    assert [r.split(" | ")[1] for r in rows] == ["relay", "vanilla"]
 
 
 def test_driver_reference_systems_run_only_their_workloads(fake_driver, tmp_path):

@@ -467,6 +467,8 @@ def main():
     ap.add_argument("--kernels", default=None, help="comma list of timing columns (default all: "
                     + ",".join(KERNELS) + ")")
     ap.add_argument("--no-variants", action="store_true", help="skip the relay-Triton launch variants")
+    ap.add_argument("--variants", default=None,
+                    help="comma list: only these launch variants (their configs also filtered by --configs)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configs after this")
     ap.add_argument("--correctness-s", type=float, default=120.0, help="stop starting new checks after this")
     args = ap.parse_args()
@@ -522,7 +524,20 @@ def main():
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
                 "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4),
                 "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,
-                                                                       num_warps_prefix=8)}
+                                                                       num_warps_prefix=8),
+                # FA3-like prefix tiles (128 x 128, two warpgroups): each KV tile feeds twice the
+                # stacked rows, halving the L2 re-reads of a GQA prefix (M = 512 rows per KV head
+                # at 128 members); two stages so 128-key K/V tiles fit in shared memory.
+                "bm128_bn128_w8_s2": dict(prefix_block_m=128, block_n=128, num_warps_prefix=8,
+                                          num_stages_prefix=2, num_stages_suffix=2),
+                "bm64_bn128_s2": dict(block_n=128, num_stages_prefix=2, num_stages_suffix=2),
+                "bm128_w8_s2_ppsm1": dict(prefix_block_m=128, num_warps_prefix=8, num_stages_prefix=2,
+                                          programs_per_sm=1)}
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     variant_configs = [] if args.no_variants else [("llama2-7b P=4096 B=128", dict(hq=32, hkv=32, d=128, bs=128, groups_spec=[[(0, 128, 4096)]])),
                         ("llama3-8b P=16384 B=256", dict(hq=32, hkv=8, d=128, bs=256, groups_spec=[[(0, 256, 16384)]])),
                         ("llama3-8b P=8192 B=128 (serving 8K)", dict(hq=32, hkv=8, d=128, bs=128,
@@ -533,6 +548,8 @@ def main():
     for cname, spec in variant_configs:
         if time.time() > deadline:
             break
+        if args.configs and not re.search(args.configs, cname):
+            continue
         w = make_workload(**spec)
         for vname, opts in variants.items():
             try:

@@ -84,7 +84,7 @@ EST_FACTOR = {"triton": 3.5}
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # gsp | rnd | nested | frontend | rate
+    kind: str  # gsp | rnd | nested | frontend | rate | exact | probe
     desc: str
     est_s: int  # wall time of one vanilla run on an H100 (MHA), client start included, +30%
     sys_len: int = 0
@@ -121,6 +121,10 @@ WORKLOADS = {w.name: w for w in [
              40, 8192),
     Workload("exact", "exact", "exactness: 64 concurrent greedy requests, 4K prompt + 2 few-shot blocks, "
              "32 tokens with top-5 logprobs", 25, 4096, fewshot_len=512, per_group=64, conc=64),
+    Workload("probe8k", "probe", "TTFT probe: 8K shared prompt, 128 req at once, per-stage timestamps "
+             "(needs --server-args --enable-metrics)", 30, 8192),
+    Workload("probe16k", "probe", "TTFT probe: 16K shared prompt, 128 req at once, per-stage timestamps "
+             "(needs --server-args --enable-metrics)", 45, 16384),
     Workload("rate8k", "rate", "8K shared prompt, Poisson arrivals: highest rate with p99 TPOT <= SLO", 140, 8192,
              conc=None, control="ctrl_c128"),
 ]}
@@ -183,6 +187,11 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
         return [sys.executable, str(HERE / "exactness.py"), "collect", "--port", str(port),
                 "--n", str(w.num_requests), "--system-len", str(w.sys_len), "--fewshot-len", str(w.fewshot_len),
                 "--question-len", "64", "--vocab", str(vocab), "--max-new", "32", "--out", str(out_file)]
+    if w.kind == "probe":
+        return [sys.executable, str(HERE / "ttft_probe.py"), "--port", str(port), "--model-dir", model_dir,
+                "--system-len", str(w.sys_len), "--question-len", str(QUESTION_LEN),
+                "--output-len", str(OUTPUT_LEN), "--num-requests", str(w.num_requests),
+                "--out", str(out_file), "--tag", tag]
     if w.kind == "frontend":
         return [sys.executable, str(HERE / "frontend_program.py"), "--port", str(port),
                 "--system-len", str(w.sys_len), "--question-len", str(QUESTION_LEN),
@@ -282,7 +291,7 @@ class Driver:
         self.results: dict = {
             "model": self.model, "workloads_requested": a.workloads,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "driver_argv": sys.argv, "budget_s": a.budget_s,
+            "driver_argv": sys.argv, "server_args_extra": a.server_args, "budget_s": a.budget_s,
             "slo_p99_tpot_ms": a.slo_ms, "rates": a.rates, "question_len": QUESTION_LEN,
             "output_len": OUTPUT_LEN, "workloads": {w.name: dataclasses.asdict(w) for w in self.workloads},
             "server_cmds": {}, "server_env": {}, "server_start_s": {}, "warmup_s": {},
@@ -583,6 +592,16 @@ class Driver:
 
             # Arrival span, queue and the decode step at full batch, from the server's own log.
             run["server_profile"] = profile_window(server_log.read_text(errors="replace"), *run["window_utc"])
+        if w.kind == "probe":
+            if rc != 0 or not out_file.exists():
+                self.fail(f"{tag}: TTFT probe failed, rc={rc}")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+            else:
+                run["probe"] = json.loads(out_file.read_text())["summary"]
+                self.log("\n".join(log.read_text(errors="replace").splitlines()[-2:]))
+            self.results["runs"].append(run)
+            self.save()
+            return run
         if w.kind == "exact":
             if rc != 0 or not out_file.exists():
                 self.fail(f"{tag}: exactness collection failed, rc={rc}")

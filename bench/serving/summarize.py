@@ -8,6 +8,8 @@ raw ``--output-file`` JSONL of ``sglang.benchmark.serving`` whose ``tag`` is
 ``serving-<device>.json`` (device, versions, dates, exact commands, every config and result),
 ``serving-<device>.md`` (tables) and ``serving-<device>-<model>-*.png`` (plots, if matplotlib
 is installed). Later inputs override earlier ones for the same (model, system, workload, rate).
+Calls made with other server settings (``run_serving.py --server-args``) go in their own
+summary: ``--suffix dyntok`` writes ``serving-<device>-dyntok.*``.
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ def _get(run: dict | None, key: str):
     return None if run is None else run["result"].get(key)
 
 
+def _step(run: dict | None):
+    """Decode step at full batch from the server's log (``server_log.profile_window``): the
+    per-step cost without the prefills that median TPOT mixes in while requests still arrive."""
+    return None if run is None else (run.get("server_profile") or {}).get("full_batch_step_ms")
+
+
 def _input_note(runs: dict) -> str:
     notes = []
     for system, run in sorted(runs.items()):
@@ -166,15 +174,62 @@ def rate_ratio_bound(search: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def server_args_extra(call: dict) -> str:
+    """The ``--server-args`` both servers of a call ran with ('' for the plain setup)."""
+    if "server_args_extra" in call:
+        return call["server_args_extra"]
+    argv = call.get("driver_argv") or []  # records written before the field existed
+    for i, arg in enumerate(argv):
+        if arg.startswith("--server-args="):
+            return arg.split("=", 1)[1]
+        if arg == "--server-args" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def probe_rows(calls: list[dict], model: str) -> list[str]:
+    """TTFT probe runs (``ttft_probe.py``): where a burst's time to first token goes."""
+    rows = []
+    for c in calls:
+        for r in c.get("runs", []):
+            p = r.get("probe")
+            if not p or (r.get("model") or c.get("model")) != model:
+                continue
+            st, pt = p["stages"], p["points"]
+
+            def stage(k):
+                return f"{st[k]['median_ms']:.0f} / {st[k]['p99_ms']:.0f}" if k in st else "–"
+
+            def last(k):
+                return f"{pt[k]['last_s']:.2f}" if k in pt else "–"
+
+            rows.append("| " + " | ".join([
+                r["workload"], r["system"], server_args_extra(c) or "(none)", stage("ttft"), stage("receive"),
+                stage("tokenize_dispatch"), last("request_received_ts"), last("api_server_dispatch_finish_ts"),
+                last("response_sent_to_client_ts"), last("done"), record_name(c.get("source"))]) + " |")
+    if not rows:
+        return []
+    return ["TTFT probe (`ttft_probe.py`: 128 text prompts sent at once, server stage timestamps from "
+            "`meta_info` with `--enable-metrics`). Stages: median / p99 ms; then when the last request "
+            "reached each point, in s after the burst was sent:", "",
+            "| workload | system | extra server args | TTFT | sent -> received by the tokenizer manager | "
+            "received -> tokenized and sent to the scheduler | last received | last sent to scheduler | "
+            "last first token out | last done | record |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def markdown(calls: list[dict]) -> str:
     table = index(calls)
-    models = sorted({k[0] for k in table if k[0]})
+    probed = {r.get("model") or c.get("model") for c in calls for r in c.get("runs", []) if r.get("probe")}
+    models = sorted(({k[0] for k in table} | probed) - {None})
     devices = sorted({c.get("device") for c in calls if c.get("device")}) or ["unknown device"]
     out = [f"# Serving benchmark: relay vs vanilla SGLang ({', '.join(devices)})", ""]
     for call in calls:
         v = call.get("versions") or {}
+        extra = server_args_extra(call)
         out.append(f"- {call.get('model')} {call.get('date', '')} {call.get('gpu', '')}: "
-                   + ", ".join(f"{k} {x}" for k, x in v.items() if x) + f" ({call.get('source', '')})")
+                   + ", ".join(f"{k} {x}" for k, x in v.items() if x) + f" ({call.get('source', '')})"
+                   + (f"; both servers with `{extra}`" if extra else ""))
         for msg in call.get("errors", []):
             out.append(f"  - ERROR: {msg}")
         for msg in call.get("skipped", []):
@@ -189,12 +244,15 @@ def markdown(calls: list[dict]) -> str:
     for model in models:
         out += [f"## {model}", "",
                 "Control TPOT: median TPOT of the same-shape workload with nothing shared (vanilla's run; "
-                "relay's if vanilla has none). 1.00 = the shared prompt costs nothing per decode step.", "",
+                "relay's if vanilla has none). 1.00 = the shared prompt costs nothing per decode step. "
+                "Full-batch step: the decode step at >= 90% of the peak batch, from the server log "
+                "(`server_log.py`); median TPOT also counts the prefill steps of requests that arrive "
+                "while others decode.", "",
                 "| workload | what | relay tok/s | vanilla tok/s | tok/s ratio | relay med TTFT ms | "
                 "vanilla med TTFT ms | relay med TPOT ms | vanilla med TPOT ms | TPOT speedup | "
                 "relay p99 TPOT ms | vanilla p99 TPOT ms | relay TPOT / control | vanilla TPOT / control | "
-                "input tokens | record |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "full-batch step ms relay / vanilla | relay step / control step | input tokens | record |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, w in WORKLOADS.items():
             runs = table.get((model, name, None))
             if not runs:
@@ -202,6 +260,7 @@ def markdown(calls: list[dict]) -> str:
             r, v = runs.get("relay"), runs.get("vanilla")
             ctrl = table.get((model, w.control, None), {}) if w.control else {}
             ctrl_tpot = _get(ctrl.get("vanilla"), "median_tpot_ms") or _get(ctrl.get("relay"), "median_tpot_ms")
+            ctrl_step = _step(ctrl.get("vanilla")) or _step(ctrl.get("relay"))
             out.append("| " + " | ".join([
                 name, w.desc,
                 _f(_get(r, "output_throughput")), _f(_get(v, "output_throughput")),
@@ -212,6 +271,8 @@ def markdown(calls: list[dict]) -> str:
                 _f(_get(r, "p99_tpot_ms"), "{:.1f}"), _f(_get(v, "p99_tpot_ms"), "{:.1f}"),
                 _ratio(_get(r, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
                 _ratio(_get(v, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
+                f"{_f(_step(r), '{:.1f}')} / {_f(_step(v), '{:.1f}')}",
+                _ratio(_step(r), ctrl_step, "{:.2f}"),
                 _input_note(runs),
                 _records(r, v),
             ]) + " |")
@@ -233,6 +294,7 @@ def markdown(calls: list[dict]) -> str:
                     _ratio(_get(r, "output_throughput"), _get(x, "output_throughput")),
                 ]) + " |")
             out.append("")
+        out += probe_rows(calls, model)
         searches = [(c.get("rate_search") or {}, c) for c in calls if c.get("model") == model]
         if any(s for s, _ in searches):
             out += ["Request-rate search on `rate8k` (8K shared prompt, Poisson arrivals, ~8 s of arrivals per rate):", "",
@@ -326,13 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--device", help="device name (default: from the inputs)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--suffix", default="", help="output name suffix for calls with other server settings")
     a = ap.parse_args(argv)
     calls = load(a.inputs)
     device = a.device or next((c["device"] for c in calls if c.get("device")), None)
     for c in calls:
         c["device"] = c.get("device") or device
         c.pop("exact_raw", None)  # per-token logprobs of both servers: summarised in "exactness"
-    slug = device_slug(device)
+    slug = device_slug(device) + (f"-{a.suffix}" if a.suffix else "")
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(calls)
