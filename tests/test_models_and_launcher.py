@@ -290,12 +290,13 @@ def test_summarize_synthetic_jsonl(tmp_path):
     md = (tmp_path / "res" / "serving-h100-80gb-hbm3.md").read_text()
     row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:5] == ["6000", "1500", "4.00x"]
-    assert cells[9] == "4.00x"  # TPOT speedup 60 / 15
-    assert cells[12:14] == ["1.20", "4.80"]  # relay 15 / vanilla control 12.5; vanilla 60 / 12.5
-    assert cells[14:16] == ["– / –", "–"]  # raw JSONL carries no server log profile
-    assert "vanilla MISMATCH +5.0%" in cells[16]
-    assert cells[17] == "raw"  # both twins from the one record (raw.jsonl)
+    assert cells[2:6] == ["6000", "1500", "4.00x", "23.44 / 5.86"]  # tok/s, req/s
+    assert cells[8] == "– / –"  # no p99 TTFT in these records
+    assert cells[11] == "4.00x"  # TPOT speedup 60 / 15
+    assert cells[14:16] == ["1.20", "4.80"]  # relay 15 / vanilla control 12.5; vanilla 60 / 12.5
+    assert cells[16:18] == ["– / –", "–"]  # raw JSONL carries no server log profile
+    assert "vanilla MISMATCH +5.0%" in cells[18]
+    assert cells[19] == "raw"  # both twins from the one record (raw.jsonl)
     ctrl = next(l for l in md.splitlines() if l.startswith("| ctrl_c128"))
     assert ctrl.rstrip().endswith("| exact | raw |")
     doc = json.loads((tmp_path / "res" / "serving-h100-80gb-hbm3.json").read_text())

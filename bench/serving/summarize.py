@@ -248,11 +248,11 @@ def markdown(calls: list[dict]) -> str:
                 "Full-batch step: the decode step at >= 90% of the peak batch, from the server log "
                 "(`server_log.py`); median TPOT also counts the prefill steps of requests that arrive "
                 "while others decode.", "",
-                "| workload | what | relay tok/s | vanilla tok/s | tok/s ratio | relay med TTFT ms | "
-                "vanilla med TTFT ms | relay med TPOT ms | vanilla med TPOT ms | TPOT speedup | "
+                "| workload | what | relay tok/s | vanilla tok/s | tok/s ratio | req/s relay / vanilla | "
+                "relay med TTFT ms | vanilla med TTFT ms | p99 TTFT ms relay / vanilla | relay med TPOT ms | vanilla med TPOT ms | TPOT speedup | "
                 "relay p99 TPOT ms | vanilla p99 TPOT ms | relay TPOT / control | vanilla TPOT / control | "
                 "full-batch step ms relay / vanilla | relay step / control step | input tokens | record |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, w in WORKLOADS.items():
             runs = table.get((model, name, None))
             if not runs:
@@ -265,7 +265,9 @@ def markdown(calls: list[dict]) -> str:
                 name, w.desc,
                 _f(_get(r, "output_throughput")), _f(_get(v, "output_throughput")),
                 _ratio(_get(r, "output_throughput"), _get(v, "output_throughput")),
+                f"{_f(_get(r, 'request_throughput'), '{:.2f}')} / {_f(_get(v, 'request_throughput'), '{:.2f}')}",
                 _f(_get(r, "median_ttft_ms")), _f(_get(v, "median_ttft_ms")),
+                f"{_f(_get(r, 'p99_ttft_ms'))} / {_f(_get(v, 'p99_ttft_ms'))}",
                 _f(_get(r, "median_tpot_ms"), "{:.1f}"), _f(_get(v, "median_tpot_ms"), "{:.1f}"),
                 _ratio(_get(v, "median_tpot_ms"), _get(r, "median_tpot_ms")),
                 _f(_get(r, "p99_tpot_ms"), "{:.1f}"), _f(_get(v, "p99_tpot_ms"), "{:.1f}"),
