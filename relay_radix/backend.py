@@ -75,10 +75,6 @@ class RelayAttnBackend(AttentionBackend):
         self._eager_kernel = None  # larger eager batches
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
-        # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its static
-        # buffers hold (``_relay_plan_key`` = (padded bs, plan structure id), set here after
-        # plan()); a step with the same key skips the slot gather and the work-list build. Only
-        # with FlashInfer suffixes: the Triton suffix work changes every step.
         self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata), reuse count
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -204,10 +200,13 @@ class RelayAttnBackend(AttentionBackend):
             self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
             suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
             if self.config.plan_reuse:
-                # Equal structure ids mean equal groups, members and source rows, hence equal
-                # slot lists: a group's segment is the pinned tree node's KV, which any member row
-                # holds at the same slots. Sequence lengths change every step, but only the
-                # suffixes (planned by FlashInfer above, every step) depend on them.
+                # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its
+                # static buffers hold (``_relay_plan_key`` = (padded bs, plan structure id), set
+                # below after plan()). Only with FlashInfer suffixes: Triton suffix work changes
+                # every step. Equal structure ids mean equal groups, members and source rows,
+                # hence equal slot lists: a group's segment is the pinned tree node's KV, which
+                # any member row holds at the same slots. Sequence lengths change every step, but
+                # only the suffixes (planned by FlashInfer above, every step) depend on them.
                 key = (bs, plan.structure_id)
                 if getattr(kernel, "_relay_plan_key", None) == key:
                     return True  # the static buffers already hold this plan

@@ -171,7 +171,8 @@ def _check_relay_registered(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
+    wants_help = "-h" in argv or "--help" in argv
+    if wants_help:
         print(HELP)
     try:
         sglang_argv, env = build_argv(argv)
@@ -181,13 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     for var, value in sorted(env.items()):
         print(f"relay_radix.launch_server: {var}={value}", file=sys.stderr)
     hint = front_end_hint(sglang_argv)
-    if hint and not ("-h" in argv or "--help" in argv):
+    if hint and not wants_help:
         print(hint, file=sys.stderr)
 
     from sglang.srt.plugins import load_plugins
 
     load_plugins()  # idempotent; sglang.launch_server calls it again
-    if not ("-h" in argv or "--help" in argv):
+    if not wants_help:
         _check_relay_registered(sglang_argv)
     sys.argv = [sys.argv[0]] + sglang_argv
     runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)

@@ -534,10 +534,11 @@ def main():
                 "bm128_w8_s2_ppsm1": dict(prefix_block_m=128, num_warps_prefix=8, num_stages_prefix=2,
                                           programs_per_sm=1)}
     if args.variants:
-        unknown = set(args.variants.split(",")) - set(variants)
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - set(variants)
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
-        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+        variants = {k: v for k, v in variants.items() if k in wanted}
     variant_configs = [] if args.no_variants else [("llama2-7b P=4096 B=128", dict(hq=32, hkv=32, d=128, bs=128, groups_spec=[[(0, 128, 4096)]])),
                         ("llama3-8b P=16384 B=256", dict(hq=32, hkv=8, d=128, bs=256, groups_spec=[[(0, 256, 16384)]])),
                         ("llama3-8b P=8192 B=128 (serving 8K)", dict(hq=32, hkv=8, d=128, bs=128,

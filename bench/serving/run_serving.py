@@ -263,6 +263,11 @@ def check_input_tokens(expected: int, got: int | None) -> tuple[bool, float | No
     return abs(err) <= 0.02, err
 
 
+def _tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a run's log."""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
 def _slim(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "server_info" and not isinstance(v, list)}
 
@@ -595,10 +600,10 @@ class Driver:
         if w.kind == "probe":
             if rc != 0 or not out_file.exists():
                 self.fail(f"{tag}: TTFT probe failed, rc={rc}")
-                print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+                print(_tail(log, 15), flush=True)
             else:
                 run["probe"] = json.loads(out_file.read_text())["summary"]
-                self.log("\n".join(log.read_text(errors="replace").splitlines()[-2:]))
+                self.log(_tail(log, 2))
             self.results["runs"].append(run)
             self.save()
             return run
@@ -623,7 +628,7 @@ class Driver:
         records = [json.loads(l) for l in out_file.read_text().splitlines() if l.strip()] if out_file.exists() else []
         if rc != 0 or not records:
             self.fail(f"{tag}: rc={rc}, {len(records)} result records (log tail below)")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+            print(_tail(log, 15), flush=True)
         if records:
             rec = records[-1]
             if rec.get("server_info") and system not in self.results["server_info"]:

@@ -117,6 +117,11 @@ def _get(run: dict | None, key: str):
     return None if run is None else run["result"].get(key)
 
 
+def _pair(a, b, fmt="{:.0f}") -> str:
+    """``relay / vanilla`` in one cell."""
+    return f"{_f(a, fmt)} / {_f(b, fmt)}"
+
+
 def _step(run: dict | None):
     """Decode step at full batch from the server's log (``server_log.profile_window``): the
     per-step cost without the prefills that median TPOT mixes in while requests still arrive."""
@@ -265,15 +270,15 @@ def markdown(calls: list[dict]) -> str:
                 name, w.desc,
                 _f(_get(r, "output_throughput")), _f(_get(v, "output_throughput")),
                 _ratio(_get(r, "output_throughput"), _get(v, "output_throughput")),
-                f"{_f(_get(r, 'request_throughput'), '{:.2f}')} / {_f(_get(v, 'request_throughput'), '{:.2f}')}",
+                _pair(_get(r, "request_throughput"), _get(v, "request_throughput"), "{:.2f}"),
                 _f(_get(r, "median_ttft_ms")), _f(_get(v, "median_ttft_ms")),
-                f"{_f(_get(r, 'p99_ttft_ms'))} / {_f(_get(v, 'p99_ttft_ms'))}",
+                _pair(_get(r, "p99_ttft_ms"), _get(v, "p99_ttft_ms")),
                 _f(_get(r, "median_tpot_ms"), "{:.1f}"), _f(_get(v, "median_tpot_ms"), "{:.1f}"),
                 _ratio(_get(v, "median_tpot_ms"), _get(r, "median_tpot_ms")),
                 _f(_get(r, "p99_tpot_ms"), "{:.1f}"), _f(_get(v, "p99_tpot_ms"), "{:.1f}"),
                 _ratio(_get(r, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
                 _ratio(_get(v, "median_tpot_ms"), ctrl_tpot, "{:.2f}"),
-                f"{_f(_step(r), '{:.1f}')} / {_f(_step(v), '{:.1f}')}",
+                _pair(_step(r), _step(v), "{:.1f}"),
                 _ratio(_step(r), ctrl_step, "{:.2f}"),
                 _input_note(runs),
                 _records(r, v),

@@ -15,7 +15,10 @@ the client's send and first-chunk times and the server's own stage timestamps, w
     -> prefill_finished_time -> response_sent_to_client_ts (first chunk yielded)
     -> first chunk at the client.
 
-All are wall-clock seconds on one machine. The summary gives each stage's median and p99
+All are wall-clock seconds on one machine. The scheduler's two (``forward_entry_time``,
+``prefill_finished_time``, stages ``to_prefill``/``prefill``/``first_out``) are used when the
+server sends them; SGLang 0.5.16 did not in the runs recorded so far, so those stages are absent
+from their summaries. The summary gives each stage's median and p99
 duration and, per timestamp, when the first and the last request reached it after the burst
 was sent: a stage whose "last" is late while its durations are short is a queue in front of
 it. The word-level tokenizer of the built-in models makes a decoded id list re-encode to the
@@ -32,6 +35,7 @@ import statistics
 import time
 
 import aiohttp
+from frontend_program import percentile  # this folder is sys.path[0] when run as a script
 
 STAGES = [  # (name, start key, end key) over the per-request record
     ("receive", "sent", "request_received_ts"),
@@ -56,7 +60,7 @@ def make_prompts(tokenizer_dir: str, n: int, system_len: int, question_len: int,
     return [tok.decode(system + [rng.randrange(lo, hi) for _ in range(question_len)]) for _ in range(n)]
 
 
-async def one(session: aiohttp.ClientSession, url: str, text: str, output_len: int, t0: float) -> dict:
+async def one(session: aiohttp.ClientSession, url: str, text: str, output_len: int) -> dict:
     body = {"text": text, "stream": True,
             "sampling_params": {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True}}
     rec: dict = {"sent": time.time()}
@@ -79,18 +83,13 @@ async def one(session: aiohttp.ClientSession, url: str, text: str, output_len: i
     return rec
 
 
-def _q(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def summarize(recs: list[dict], t0: float) -> dict:
     """Stage durations (ms: median, p99) and arrival points (s after the burst: first, median, last)."""
     stages = {}
     for name, a, b in STAGES:
         d = [(r[b] - r[a]) * 1e3 for r in recs if a in r and b in r]
         if d:
-            stages[name] = {"median_ms": round(statistics.median(d), 1), "p99_ms": round(_q(d, 0.99), 1), "n": len(d)}
+            stages[name] = {"median_ms": round(statistics.median(d), 1), "p99_ms": round(percentile(d, 99), 1), "n": len(d)}
     points = {}
     for k in POINTS:
         t = [r[k] - t0 for r in recs if k in r]
@@ -106,11 +105,10 @@ async def run(a: argparse.Namespace) -> dict:
     conn = aiohttp.TCPConnector(limit=0)  # no client-side cap: the whole burst goes out at once
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=a.timeout_s)) as s:
         # Prime: the system prompt enters the radix tree first, as in sglang.benchmark.serving's warm-up.
-        await one(s, url, prompts[0], 4, time.time())
+        await one(s, url, prompts[0], 4)
         t0 = time.time()
-        recs = await asyncio.gather(*(one(s, url, p, a.output_len, t0) for p in prompts))
-    out = {"args": vars(a), "burst_t0": t0, "summary": summarize(recs, t0), "requests": recs}
-    return out
+        recs = await asyncio.gather(*(one(s, url, p, a.output_len) for p in prompts))
+    return {"args": vars(a), "burst_t0": t0, "summary": summarize(recs, t0), "requests": recs}
 
 
 def main() -> None:
