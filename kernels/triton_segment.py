@@ -8,9 +8,11 @@ The same kernel serves both relay parts:
     SGLang's ``_fwd_grouped_kernel_stage1``.
 Each program writes one attention state ``(o, lse)`` per (member, head) into its part slot.
 
-The grid is persistent and fixed (``[num_programs, num_kv_heads]``): program ``pid`` walks
+The grid is persistent and fixed (``[num_kv_heads, num_programs]``): program ``pid`` walks
 work items ``pid, pid + num_programs, ...`` below the live count read from a device tensor,
-so a CUDA graph captured once replays any later plan that fits the capacities.
+so a CUDA graph captured once replays any later plan that fits the capacities. The KV head is
+the fast grid axis so that, when a step has fewer items than programs, the working programs
+(the low ``pid``\ s of every head) are launched first and spread over all SMs.
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def _segment_attention_kernel(
     tl.static_assert(BLOCK_M >= GQA)
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    kv_head = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    num_programs = tl.num_programs(1)
     num_work = tl.load(Num_Work)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -168,7 +170,7 @@ def launch_segment_attention(
     num_stages: int,
     k_row_major: bool = False,
 ) -> None:
-    """Launch the segment kernel over a fixed persistent grid ``[num_programs, num_kv_heads]``.
+    """Launch the segment kernel over a fixed persistent grid ``[num_kv_heads, num_programs]``.
 
     q ``[bs, num_q_heads, head_dim]``; k/v_buffer ``[num_slots, num_kv_heads, head_dim]`` (last
     dim contiguous); kv_indices/rows/slot_base int32; work ``[max_work, 5]`` int32;
@@ -187,7 +189,7 @@ def launch_segment_attention(
     if head_dim > 128:
         # K/V tiles of 64 x 256 x 3 stages would not fit in shared memory (228 KB on H100).
         block_n, num_stages = min(block_n, 32), min(num_stages, 2)
-    grid = (max(1, num_programs), num_kv_heads)
+    grid = (num_kv_heads, max(1, num_programs))
     _segment_attention_kernel[grid](
         q, k_buffer, v_buffer, kv_indices, rows, slot_base, work, num_work, part_o, part_lse,
         float(sm_scale), float(logit_cap) if logit_cap > 0 else 1.0,

@@ -72,6 +72,11 @@ class RelayAttnBackend(AttentionBackend):
         self.last_stats: PlanStats | None = None  # set by the scheduler hook per decode step
         self.plans_without_scheduler = 0  # decode steps that ran with no scheduler plan
         self._graph_kernel = None  # static buffers of the captured decode graphs
+        self._fi_graph_kernels: dict = {}  # FlashInfer kernel: captured batch size -> graph object
+        # FlashInfer picks its soft-cap kernel at plan time: plan with the model's cap (run checks it).
+        hf = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
+        cap = float(getattr(hf, "attn_logit_softcapping", None) or 0.0)
+        self._plan_extra = dict(logit_cap=cap) if self.config.kernel == "flashinfer" else {}
         self._eager_kernel = None  # larger eager batches
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
@@ -88,7 +93,9 @@ class RelayAttnBackend(AttentionBackend):
         self._next_plan = plan
 
     # ---- kernels ---------------------------------------------------------------------------
-    def _make_kernel(self, max_bs: int):
+    def _make_kernel(self, max_bs: int, *, graph: bool = False, shared=None):
+        """Kernel object for batches of up to ``max_bs`` rows (FlashInfer: exactly ``max_bs``
+        rows when ``graph``; ``shared``: the FlashInfer object whose buffers it uses)."""
         max_members = max_bs * self.config.max_levels
         caps = dict(
             max_bs=max_bs, max_groups=MAX_GROUPS, max_members=max_members,
@@ -96,7 +103,15 @@ class RelayAttnBackend(AttentionBackend):
             max_suffix_tokens=max_bs * self.max_context_len,
         )
         d = self.dims
-        # Triton only: the FlashInfer relay path is refused at backend creation (plugin.py).
+        if self.config.kernel == "flashinfer":
+            # FlashInfer prefill over each group's members + the same FlashInfer suffix decode;
+            # the plugin refuses this choice without FlashInfer suffixes.
+            from relay_radix.kernels.flashinfer_relay import FlashInferRelayDecode
+
+            if shared is None:
+                logger.info("relay-radix: flashinfer decode kernels, capacity %s, graph %s", caps, graph)
+            return FlashInferRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device,
+                                         external_suffix=True, use_cuda_graph=graph, shared=shared, **caps)
         from relay_radix.kernels.triton_relay import TritonRelayDecode
 
         concurrent = self.suffix is not None and self.config.prefix_stream
@@ -107,15 +122,24 @@ class RelayAttnBackend(AttentionBackend):
                                  external_suffix=self.suffix is not None, prefix_stream=concurrent,
                                  **launch, **caps)
 
-    def _kernel_for(self, bs: int):
+    def _kernel_for(self, bs: int, *, graph: bool, in_capture: bool):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.
 
         The CUDA-graph kernel is made once in ``init_cuda_graph_state`` (captured graphs keep
         pointers to its buffers, so it is never replaced); batches larger than the largest
-        captured one run eagerly on a second object grown on demand."""
+        captured one run eagerly on a second object grown on demand. FlashInfer fixes the batch
+        size of a graph wrapper, so that kernel has one graph object per captured size, made at
+        its capture, all on the largest one's buffers (one graph replays at a time)."""
         if self.device.type != "cuda":
             return None
-        if self._graph_kernel is not None and bs <= self._graph_kernel.max_bs:
+        if self.config.kernel == "flashinfer" and graph:
+            k = self._fi_graph_kernels.get(bs)
+            if k is None:
+                if not in_capture:
+                    raise RuntimeError(f"relay-radix: decode graph replay for batch size {bs}, never captured")
+                k = self._fi_graph_kernels[bs] = self._make_kernel(bs, graph=True, shared=self._graph_kernel)
+            return k
+        if self.config.kernel != "flashinfer" and self._graph_kernel is not None and bs <= self._graph_kernel.max_bs:
             return self._graph_kernel
         if self._eager_kernel is None or bs > self._eager_kernel.max_bs:
             self._eager_kernel = self._make_kernel(max(bs, 2 * (self._eager_kernel.max_bs if self._eager_kernel else 64)))
@@ -135,7 +159,9 @@ class RelayAttnBackend(AttentionBackend):
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if self.device.type == "cuda":
-            self._graph_kernel = self._make_kernel(max_bs)
+            self._graph_kernel = self._make_kernel(max_bs, graph=True)
+            if self.config.kernel == "flashinfer":
+                self._fi_graph_kernels = {max_bs: self._graph_kernel}
             if self.suffix is not None:
                 # The suffix decode runs on the base backend's graph wrappers (index buffers).
                 self.base.init_cuda_graph_state(max_bs, max_num_tokens)
@@ -192,7 +218,7 @@ class RelayAttnBackend(AttentionBackend):
         if plan.num_groups > MAX_GROUPS:
             raise RuntimeError(f"relay-radix: {plan.num_groups} groups exceed MAX_GROUPS={MAX_GROUPS}")
         prefix_lens = plan.prefix_lens.to(torch.int64)
-        kernel = self._kernel = self._kernel_for(bs)
+        kernel = self._kernel = self._kernel_for(bs, graph=graph, in_capture=in_capture)
         key = None
         if kernel is not None and self.suffix is not None:
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
@@ -224,7 +250,7 @@ class RelayAttnBackend(AttentionBackend):
         kernel.plan(
             prefix_kv_indices=prefix_idx, suffix_kv_indices=suffix_idx,
             prefix_lens_cpu=prefix_lens, member_indptr_cpu=plan.member_indptr.to(torch.int64),
-            member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens,
+            member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens, **self._plan_extra,
         )
         kernel._relay_plan_key = key
         return False

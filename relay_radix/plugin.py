@@ -70,14 +70,13 @@ def create_relay_backend(runner):
 
     config = RelayConfig.from_env()
     check_model_runner(runner)
-    if config.kernel == "flashinfer" and str(runner.device).startswith("cuda"):
-        # FlashInferRelayDecode fixes its batch size and sm_scale at plan time, so decode CUDA
-        # graphs need one instance (and workspace) per captured batch size; that wiring is not
-        # built or measured yet. Refuse rather than replay graphs over re-planned buffers.
+    if config.kernel == "flashinfer" and str(runner.device).startswith("cuda") and config.suffix_kernel() != "flashinfer":
+        # The FlashInfer relay kernel merges the groups' states on top of the suffix state that
+        # SGLang's FlashInfer decode wrappers write (relay_radix.suffix_decode).
         raise ValueError(
-            "relay-radix: RELAY_RADIX_KERNEL=flashinfer is not yet wired into the server backend "
-            "(it is available as relay_radix.kernels.FlashInferRelayDecode for benchmarks). "
-            "Use RELAY_RADIX_KERNEL=triton (the default).")
+            "relay-radix: RELAY_RADIX_KERNEL=flashinfer runs suffixes on FlashInfer's decode: leave "
+            "RELAY_RADIX_SUFFIX unset and RELAY_RADIX_BASE_BACKEND unset or flashinfer, or use "
+            "RELAY_RADIX_KERNEL=triton")
     base_name = config.base_backend or ("flashinfer" if str(runner.device).startswith("cuda") else "torch_native")
     if base_name == BACKEND_NAME or base_name not in ATTENTION_BACKENDS:
         raise ValueError(

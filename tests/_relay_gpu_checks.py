@@ -8,6 +8,7 @@ row ``{path, dtype, hq, hkv, d, case, rel_err, max_abs, nan, ok}``. NaN never pa
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -53,14 +54,18 @@ class HybridRelay:
     ``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode
     (``RELAY_RADIX_PREFIX_STREAM``)."""
 
-    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, prefix_stream: bool = False, **cap):
+    def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, prefix_stream: bool = False,
+                 prefix: str = "triton", **cap):
         import flashinfer
 
-        from relay_radix.kernels import TritonRelayDecode
+        from relay_radix.kernels import FlashInferRelayDecode, TritonRelayDecode
 
         self.shape, self.dtype = (hq, hkv, d), dtype
-        self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, prefix_stream=prefix_stream,
-                                     **cap)
+        if prefix == "flashinfer":  # RELAY_RADIX_KERNEL=flashinfer: FlashInfer prefill over the groups
+            self.tri = FlashInferRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, **cap)
+        else:
+            self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True,
+                                         prefix_stream=prefix_stream, **cap)
         ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
         self.dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hkv >= 4)
         self.lse2 = torch.empty((cap["max_bs"], hq), dtype=torch.float32, device="cuda")
@@ -93,16 +98,27 @@ def _capacity(case, extra: int = 0) -> dict:
                 max_suffix_tokens=c["suffix_kv_indices"].numel() + 70000)
 
 
+# Triton launch variants the GPU tests check (bench/kernels/run.py times them).
+TRITON_VARIANTS = {
+    "triton": {},
+    "triton_krow": dict(k_row_major=True),
+    # 128 x 128 prefix tiles, two warpgroups (RELAY_RADIX_PREFIX_TILE=128x128x8x2).
+    "triton_bm128_bn128": dict(prefix_block_m=128, block_n=128, num_warps_prefix=8, num_stages_prefix=2,
+                               num_stages_suffix=2),
+}
+
+
 def make_wrapper(path: str, case, *, graph: bool = False, **cap):
     hq, d = case.q.shape[1], case.q.shape[2]
     hkv = case.k.shape[1]
     cap = cap or _capacity(case)
-    if path in ("triton", "triton_krow"):
+    if path in TRITON_VARIANTS:
         from relay_radix.kernels import TritonRelayDecode
 
-        return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", k_row_major=path == "triton_krow", **cap)
-    if path in ("hybrid", "hybrid_stream"):
-        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path == "hybrid_stream", **cap)
+        return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **TRITON_VARIANTS[path], **cap)
+    if path in ("hybrid", "hybrid_stream", "hybrid_fi"):
+        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path == "hybrid_stream",
+                           prefix="flashinfer" if path == "hybrid_fi" else "triton", **cap)
     from relay_radix.kernels import FlashInferRelayDecode
 
     return FlashInferRelayDecode(hq, hkv, d, case.q.dtype, "cuda", use_cuda_graph=graph, **cap)
@@ -110,7 +126,7 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
 
 def _plan(path, w, case):
     kw = plan_kwargs(case)
-    if path in ("flashinfer", "hybrid", "hybrid_stream"):
+    if path in ("flashinfer", "hybrid", "hybrid_stream", "hybrid_fi"):
         kw["sm_scale"] = case.sm_scale
     w.plan(**kw)
 
@@ -205,4 +221,69 @@ def check_graph(path: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype) -> 
         n = c.q.shape[0]
         ref, _ = reference_device(c)
         rows.append(_row(path + "+graph", "replan", c, o[:n], ref))
+    return rows
+
+
+def suffix_state(case) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's state over its own suffix alone (float64 oracle): ``(o [bs, hq, d],
+    lse2 [bs, hq] base 2)``, what SGLang's FlashInfer decode hands the server's relay merge."""
+    c = dict(case.csr)
+    dev = c["prefix_kv_indptr"].device
+    c.update(prefix_kv_indptr=torch.zeros(1, dtype=torch.int32, device=dev),
+             prefix_kv_indices=c["prefix_kv_indices"][:0], member_indptr=torch.zeros(1, dtype=torch.int32, device=dev),
+             member_rows=c["member_rows"][:0])
+    o, lse = reference_device(dataclasses.replace(case, csr=c))
+    return o, lse / math.log(2.0)
+
+
+def check_fi_external_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
+    """The server's FlashInfer relay kernel under CUDA graphs: one graph object per batch size,
+    the smaller on the larger's buffers (``shared``), each captured once after a first plan, then
+    re-planned with other groups and lengths and replayed (both sizes interleaved, as a server
+    alternates batch sizes). The suffix state is put in ``o``/``lse2`` before each replay."""
+    from relay_radix.kernels import FlashInferRelayDecode
+
+    sizes = (40, 24)
+    cases = {bs: [build_case("mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=300 + 10 * i + bs, bs=bs, min_suffix=1)
+                  for i in range(3)] for bs in sizes}
+    everything = [c for cs in cases.values() for c in cs]
+    nslots = max(c.k.shape[0] for c in everything)
+    k = torch.empty((nslots, hkv, d), dtype=dtype, device="cuda")
+    v = torch.empty_like(k)
+    max_prefix = max(c.csr["prefix_kv_indices"].numel() for c in everything)
+    objs, bufs, graphs = {}, {}, {}
+    for bs in sizes:  # largest first: it owns the buffers
+        objs[bs] = FlashInferRelayDecode(hq, hkv, d, dtype, "cuda", max_bs=bs, max_groups=64, max_members=2 * bs,
+                                         max_prefix_tokens=max_prefix, max_suffix_tokens=0, use_cuda_graph=True,
+                                         external_suffix=True, shared=objs.get(sizes[0]))
+        bufs[bs] = (torch.empty((bs, hq, d), dtype=dtype, device="cuda"), torch.empty((bs, hq, d), dtype=dtype, device="cuda"),
+                    torch.empty((bs, hq), dtype=torch.float32, device="cuda"))
+
+    def load(c):
+        bs = c.q.shape[0]
+        q, o, lse2 = bufs[bs]
+        k[: c.k.shape[0]].copy_(c.k)
+        v[: c.v.shape[0]].copy_(c.v)
+        q.copy_(c.q)
+        kw = plan_kwargs(c)
+        kw["suffix_kv_indices"] = None
+        objs[bs].plan(**kw)
+        so, sl = suffix_state(c)
+        o.copy_(so.to(dtype))
+        lse2.copy_(sl.float())
+
+    for bs in sizes:
+        load(cases[bs][0])
+        q, o, lse2 = bufs[bs]
+        graphs[bs] = capture_graph(
+            lambda obj=objs[bs], q=q, o=o, lse2=lse2: obj.run(q, k, v, o, sm_scale=cases[bs][0].sm_scale, base_lse2=lse2))
+    rows = []
+    for i in (1, 2, 0):
+        for bs in sizes:
+            c = cases[bs][i]
+            load(c)
+            graphs[bs].replay()
+            torch.cuda.synchronize()
+            ref, _ = reference_device(c)
+            rows.append(_row(f"flashinfer-external+graph bs={bs}", "replan", c, bufs[bs][1], ref))
     return rows

@@ -187,7 +187,7 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse, tile):
     kernel = relay._make_kernel(16)  # the server's construction: external suffix, RELAY_RADIX_PREFIX_TILE
     assert isinstance(kernel, TritonRelayDecode) and kernel.external_suffix
     assert (kernel.prefix_block_m, kernel.block_n) == tuple(int(x) for x in tile.split("x")[:2])
-    relay._kernel_for = lambda bs: kernel
+    relay._kernel_for = lambda bs, **_: kernel
     attn_layers = layers(s)[:2]
     gen = torch.Generator().manual_seed(3)
     system, fewshot = words(1, 300), words(2, 100)

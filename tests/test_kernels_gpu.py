@@ -35,6 +35,16 @@ def test_triton_k_row_major_variant(dtype, hq, hkv):
     _assert(check("triton_krow", "mixed", hq=hq, hkv=hkv, d=128, dtype=dtype, seed=hq * 7 + hkv))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_triton_large_prefix_tiles(dtype, hq, hkv, d):
+    """The 128 x 128 prefix tile launch (``RELAY_RADIX_PREFIX_TILE=128x128x8x2``) is exact too."""
+    from tests._relay_gpu_checks import check
+
+    _assert(check("triton_bm128_bn128", "mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=hq * 11 + d))
+
+
 @pytest.mark.parametrize("kind", ["big_group", "nested", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 4)])
 def test_triton_shapes(kind, hq, hkv):
@@ -54,10 +64,11 @@ def test_flashinfer(kind, hq, hkv):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["mixed", "nested", "big_group", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream"])
+@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream", "hybrid_fi"])
 def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
-    """The server's default: FlashInfer decode suffix state + Triton prefix parts merged in place
-    (hybrid_stream: the prefix launch on a side stream, concurrent with the suffix decode)."""
+    """The server's paths: FlashInfer decode suffix state + the groups' prefix states merged in
+    place, from the Triton prefix kernel (hybrid; hybrid_stream: on a side stream, concurrent with
+    the suffix decode) or FlashInfer's prefill (hybrid_fi: ``RELAY_RADIX_KERNEL=flashinfer``)."""
     from tests._relay_gpu_checks import check
 
     _assert(check(path, kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
@@ -100,3 +111,12 @@ def test_int64_offsets():
     ref, _ = reference_device(small)
     err, _ = rel_err(o, ref)
     assert err < 1.5e-2 and not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_server_flashinfer_kernel_graphs(hq, hkv):
+    """Per-batch-size graph objects on shared buffers, replayed after re-plans, interleaved."""
+    from tests._relay_gpu_checks import check_fi_external_graph
+
+    for row in check_fi_external_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16):
+        _assert(row)

@@ -251,10 +251,12 @@ def test_dry_run_prints_every_command(capsys, tmp_path):
     assert "relay_radix.launch_server --model-path relay-radix/llama2-7b-mha --attention-backend relay" in out
     assert "sglang.launch_server --model-path /tmp/relay_models/llama2-7b-mha --load-format dummy " \
            "--attention-backend flashinfer" in out
-    rc = run_serving.main(["--dry-run", "--systems", "vanilla,triton,relay-eager", "--workloads", "exact,gsp8k_c128",
-                           "--out", str(tmp_path / "out")])
+    rc = run_serving.main(["--dry-run", "--systems", "vanilla,triton,relay-eager,relay-fi", "--workloads",
+                           "exact,gsp8k_c128", "--out", str(tmp_path / "out")])
     refs = capsys.readouterr().out
     assert rc == 0
+    assert "--attention-backend relay --radix-cache-backend relay --relay-kernel flashinfer" in refs
+    assert "--tag llama2-7b-mha/relay-fi/gsp8k_c128" in refs and "relay-fi-exact.jsonl" in refs
     assert "--attention-backend triton" in refs and "--tag llama2-7b-mha/triton/gsp8k_c128" in refs
     assert "--attention-backend relay --radix-cache-backend relay --disable-cuda-graph" in refs
     assert "relay-eager-exact.jsonl" in refs and "relay-eager-gsp8k" not in refs
@@ -349,6 +351,27 @@ def test_summarize_full_batch_step_over_the_control_step(tmp_path):
     md = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
     row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128 |"))
     assert "| 15.0 / 65.0 | 1.20 |" in row  # 15 ms over vanilla's 12.5 ms control step
+
+
+def test_summarize_keeps_twins_of_one_call_and_references_with_their_own_vanilla(tmp_path):
+    """Call A runs relay + vanilla; call B (later) runs vanilla + a reference system only. The
+    main row stays A's pair (no ratio across calls); the reference row uses B's vanilla."""
+    def run(system, tput):
+        return {"system": system, "workload": "gsp8k_c128", "rate": None, "result": _record("x", tput, 10.0, 1)}
+
+    m = "llama2-7b-mha"
+    a = {"model": m, "device": "NVIDIA H100 80GB HBM3", "runs": [run("relay", 6000.0), run("vanilla", 2000.0)]}
+    b = {"model": m, "device": "NVIDIA H100 80GB HBM3", "runs": [run("vanilla", 1500.0), run("relay-fi", 4500.0)]}
+    paths = []
+    for name, call in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"serving-{name}.json")
+        paths[-1].write_text(json.dumps(call))
+    assert summarize.main([str(p) for p in paths] + ["--out-dir", str(tmp_path), "--no-plots"]) == 0
+    md = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+    row = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| gsp8k_c128 | 8K")).strip("|").split("|")]
+    assert row[2:5] == ["6000", "2000", "3.00x"] and row[-1] == "a"
+    ref = [c.strip() for c in next(l for l in md.splitlines() if "--relay-kernel flashinfer" in l).strip("|").split("|")]
+    assert ref[2] == "4500" and ref[5] == "1500" and ref[7:9] == ["0.33x", "–"]  # B's vanilla; B ran no relay
 
 
 def test_rate_searches_of_two_calls_merge_into_one_bracket():

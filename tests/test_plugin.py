@@ -151,14 +151,16 @@ def test_flashinfer_suffix_needs_the_flashinfer_base():
         FlashInferSuffixDecode(base)
 
 
-def test_flashinfer_kernel_choice_is_refused_on_cuda(monkeypatch):
-    """Not wired into the server yet: refused loudly, never run over stale graph buffers."""
+def test_flashinfer_kernel_needs_flashinfer_suffixes(monkeypatch):
+    """The FlashInfer relay kernel merges onto FlashInfer's suffix decode state: asking for it
+    with Triton suffixes is refused at backend creation, with what to set instead."""
     from relay_radix.plugin import create_relay_backend
 
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "flashinfer")
+    monkeypatch.setenv("RELAY_RADIX_SUFFIX", "triton")
     mc = types.SimpleNamespace(is_encoder_decoder=False, hf_text_config=types.SimpleNamespace(),
                                is_hybrid_swa=False, sliding_window_size=None, attention_chunk_size=None)
     runner = types.SimpleNamespace(device="cuda", use_mla_backend=False, is_draft_worker=False, page_size=1,
                                    model_config=mc, token_to_kv_pool=types.SimpleNamespace(dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL=triton"):
+    with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL=flashinfer runs suffixes on FlashInfer"):
         create_relay_backend(runner)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 path = sys.argv[1]
 res = json.load(open(path))
 rows = [r for r in res["timing"] if r.get("ms")]
-ks = [k for k in ("sglang_triton", "fi_decode", "fi_cascade", "relay_triton", "relay_fi", "relay_hybrid")
+ks = [k for k in ("sglang_triton", "fi_decode", "fi_cascade", "relay_triton", "relay_fi", "relay_hybrid", "relay_hybrid_stream")
       if any(r["ms"].get(k) for r in rows)]
 fig, ax = plt.subplots(figsize=(18, 6))
 w = 0.8 / len(ks)

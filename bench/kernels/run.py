@@ -240,15 +240,20 @@ def k_relay_triton(w, **opts):
     return _planned(wr, w)
 
 
-def k_relay_fi(w):
+def k_relay_fi(w, **opts):
     from relay_radix.kernels import FlashInferRelayDecode
 
     bs = w["bs"]
     wr = FlashInferRelayDecode(w["hq"], w["hkv"], w["d"], w["q"].dtype, DEV, max_bs=bs,
                                max_groups=max(1, len(w["plens"])), max_members=max(1, w["m_rows"].numel()),
                                max_prefix_tokens=max(1, w["prefix_idx"].numel()),
-                               max_suffix_tokens=max(1, w["suffix_idx"].numel()))
+                               max_suffix_tokens=max(1, w["suffix_idx"].numel()), **opts)
     return _planned(wr, w, sm_scale=w["sm_scale"])
+
+
+def k_relay_fi_fa2(w):
+    """relay_fi with FlashInfer's FA2 prefill for the groups (``auto`` is FA3 on Hopper)."""
+    return k_relay_fi(w, prefill_backend="fa2")
 
 
 def k_relay_hybrid(w, prefix_stream: bool = False):
@@ -273,6 +278,7 @@ KERNELS = {
     "fi_cascade": k_fi_cascade,
     "relay_triton": k_relay_triton,
     "relay_fi": k_relay_fi,
+    "relay_fi_fa2": k_relay_fi_fa2,
     "relay_hybrid": k_relay_hybrid,
     "relay_hybrid_stream": k_relay_hybrid_stream,
 }
@@ -520,7 +526,7 @@ def main():
         write_reports(res, args.out, dev_tag)
         torch.cuda.empty_cache()
     # A few launch variants of relay-Triton on two configs (for tuning the defaults).
-    variants = {"bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
+    variants = {"default": {}, "bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
                 "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4),
                 "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,
@@ -532,7 +538,22 @@ def main():
                                           num_stages_prefix=2, num_stages_suffix=2),
                 "bm64_bn128_s2": dict(block_n=128, num_stages_prefix=2, num_stages_suffix=2),
                 "bm128_w8_s2_ppsm1": dict(prefix_block_m=128, num_warps_prefix=8, num_stages_prefix=2,
-                                          programs_per_sm=1)}
+                                          programs_per_sm=1),
+                # Five stages: the slot list makes each K/V load indirect, and Triton 3.6 spends one
+                # pipeline stage on the slot load; below five stages its loop waits for every copy
+                # at the top of each iteration (``async_wait num=0`` in the TTGIR), so the load
+                # latency is exposed once per key tile. 32-key tiles keep five stages small.
+                "sppsm2": dict(suffix_programs_per_sm=2), "sppsm8": dict(suffix_programs_per_sm=8),
+                "s5_bn32": dict(block_n=32, num_stages_prefix=5, num_stages_suffix=5),
+                "s5_bn32_krow": dict(block_n=32, num_stages_prefix=5, num_stages_suffix=5, k_row_major=True),
+                "s5_bn32_ppsm3": dict(block_n=32, num_stages_prefix=5, num_stages_suffix=5, programs_per_sm=3),
+                "bm128_bn32_w8_s5": dict(prefix_block_m=128, block_n=32, num_warps_prefix=8, num_stages_prefix=5,
+                                         num_stages_suffix=5),
+                "bm128_bn32_w8_s5_krow": dict(prefix_block_m=128, block_n=32, num_warps_prefix=8,
+                                              num_stages_prefix=5, num_stages_suffix=5, k_row_major=True),
+                "s5_krow_ppsm1": dict(num_stages_prefix=5, num_stages_suffix=5, k_row_major=True, programs_per_sm=1),
+                "bm128_w8_s5_krow_ppsm1": dict(prefix_block_m=128, num_warps_prefix=8, num_stages_prefix=5,
+                                               num_stages_suffix=5, k_row_major=True, programs_per_sm=1)}
     if args.variants:
         wanted = args.variants.split(",")
         unknown = set(wanted) - set(variants)
@@ -545,7 +566,17 @@ def main():
                                                                     groups_spec=[[(0, 128, 8192)]],
                                                                     suffix_lo=129, suffix_hi=384)),
                         ("llama2-7b no-sharing 4K B=32", dict(hq=32, hkv=32, d=128, bs=32, groups_spec=[],
-                                                              suffix_lo=4096, suffix_hi=4096))]
+                                                              suffix_lo=4096, suffix_hi=4096)),
+                        ("llama3-8b no-sharing short B=128", dict(hq=32, hkv=8, d=128, bs=128, groups_spec=[],
+                                                                  suffix_lo=129, suffix_hi=384)),
+                        # Prefix pass alone (1-token suffixes): the part a launch variant changes.
+                        # 17.2 GFLOP per layer on both shapes; the MHA one also reads 4x the bytes.
+                        ("llama3-8b P=8192 B=128 prefix only", dict(hq=32, hkv=8, d=128, bs=128,
+                                                                   groups_spec=[[(0, 128, 8192)]],
+                                                                   suffix_lo=1, suffix_hi=1)),
+                        ("llama2-7b P=8192 B=128 prefix only", dict(hq=32, hkv=32, d=128, bs=128,
+                                                                   groups_spec=[[(0, 128, 8192)]],
+                                                                   suffix_lo=1, suffix_hi=1))]
     for cname, spec in variant_configs:
         if time.time() > deadline:
             break

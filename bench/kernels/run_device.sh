@@ -4,6 +4,7 @@
 #   bash bench/kernels/run_device.sh            # results under $OUT (default ./out)
 # Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
 #      PYTEST_K (pytest -k expression, default: all GPU kernel tests),
+#      PROFILE (set: per-launch GPU times of a few configs, bench/kernels/profile_launches.py),
 #      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
 # With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
 # modules it holds are installed as AOT modules and Triton's cache is reused: no nvcc for those.
@@ -27,6 +28,10 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --
 # let its relay_radix/ see the kernels/ and patches/ folders as installed (package-dir mapping).
 ln -sfn ../kernels relay_radix/kernels
 ln -sfn ../patches relay_radix/patches
+if [ -n "${PROFILE:-}" ]; then  # per-launch times (bench/kernels/profile_launches.py) first
+  python3 bench/kernels/profile_launches.py --out "$OUT" > "$OUT/profile.log" 2>&1
+  echo "profile rc=$? at $(( $(date +%s) - T0 ))s"
+fi
 eval "set -- ${RUN_ARGS:-}"
 python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" "$@" \
   > "$OUT/kernels.log" 2>&1

@@ -73,8 +73,12 @@ SYSTEMS = {
     "vanilla": "SGLang as shipped: --attention-backend flashinfer, radix cache on",
     "triton": "SGLang as shipped with its Triton attention backend (reference row)",
     "relay-eager": "relay with --disable-cuda-graph: every decode step on the eager path",
+    "relay-fi": "relay with --relay-kernel flashinfer: FlashInfer prefill over the groups + FlashInfer suffix decode",
 }
-REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"}}
+REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
+                  "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"}}
+# Systems launched through relay_radix.launch_server, with their own extra flags.
+RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
@@ -226,11 +230,10 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
 def server_cmd(system: str, model: str, model_dir: str, port: int, relay_flags: list[str],
                extra: list[str]) -> list[str]:
     common = COMMON_SERVER_ARGS + ["--host", "127.0.0.1", "--port", str(port)] + extra
-    if system in ("relay", "relay-eager"):  # through our launcher: resolves the model name, adds relay flags
-        eager = ["--disable-cuda-graph"] if system == "relay-eager" else []
+    if system in RELAY_SYSTEMS:  # through our launcher: resolves the model name, adds relay flags
         return [sys.executable, "-m", "relay_radix.launch_server", "--model-path",
                 f"relay-radix/{model}", "--attention-backend", "relay",
-                "--radix-cache-backend", "relay"] + relay_flags + eager + common
+                "--radix-cache-backend", "relay"] + relay_flags + RELAY_SYSTEMS[system] + common
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir,
             "--load-format", "dummy", "--attention-backend", SGLANG_BACKEND[system]] + common
 

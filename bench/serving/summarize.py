@@ -81,15 +81,31 @@ def load(paths: list[str]) -> list[dict]:
 
 
 def index(calls: list[dict]) -> dict:
-    """{(model, workload, rate): {system: run}}; later calls win."""
+    """{(model, workload, rate): {system: run}}, with relay and vanilla always from one call.
+
+    Calls are taken in order. A call that ran both twins of a workload replaces the twins
+    shown; a call with only one of them replaces nothing already paired (its lone run is shown
+    only where no pair exists), so a ratio is never taken across calls. A reference system's run
+    carries its own call's vanilla and relay (``twin_vanilla``, ``twin_relay``) for its ratios."""
     table: dict = {}
     for call in calls:
+        this: dict = {}
         for run in call.get("runs", []):
             if "result" not in run:
                 continue
             model = run.get("model") or call.get("model")
             key = (model, run["workload"], run.get("rate"))
-            table.setdefault(key, {})[run["system"]] = dict(run, record=record_name(call.get("source")))
+            this.setdefault(key, {})[run["system"]] = dict(run, record=record_name(call.get("source")))
+        for key, runs in this.items():
+            shown = table.setdefault(key, {})
+            twins = {x: runs[x] for x in SYSTEMS if x in runs}
+            if len(twins) == len(SYSTEMS) or not any(x in shown for x in SYSTEMS):
+                for x in SYSTEMS:
+                    shown.pop(x, None)
+                shown.update(twins)
+            for system, run in runs.items():
+                if system not in SYSTEMS:
+                    shown[system] = dict(run, twin_vanilla=runs.get("vanilla"), twin_relay=runs.get("relay"))
     return table
 
 
@@ -225,6 +241,8 @@ def probe_rows(calls: list[dict], model: str) -> list[str]:
 
 def markdown(calls: list[dict]) -> str:
     table = index(calls)
+    own_calls = {(record_name(c.get("source")), k[0], k[1]): runs for c in calls
+                 for k, runs in index([c]).items() if k[2] is None}  # each call's own rows
     probed = {r.get("model") or c.get("model") for c in calls for r in c.get("runs", []) if r.get("probe")}
     models = sorted(({k[0] for k in table} | probed) - {None})
     devices = sorted({c.get("device") for c in calls if c.get("device")}) or ["unknown device"]
@@ -263,7 +281,9 @@ def markdown(calls: list[dict]) -> str:
             if not runs:
                 continue
             r, v = runs.get("relay"), runs.get("vanilla")
-            ctrl = table.get((model, w.control, None), {}) if w.control else {}
+            # The control of the same call when it ran one (c64 controls vary between calls), else the shown one.
+            ctrl = own_calls.get((_records(r, v), model, w.control)) or table.get((model, w.control, None), {}) \
+                if w.control else {}
             ctrl_tpot = _get(ctrl.get("vanilla"), "median_tpot_ms") or _get(ctrl.get("relay"), "median_tpot_ms")
             ctrl_step = _step(ctrl.get("vanilla")) or _step(ctrl.get("relay"))
             out.append("| " + " | ".join([
@@ -284,11 +304,11 @@ def markdown(calls: list[dict]) -> str:
                 _records(r, v),
             ]) + " |")
         out.append("")
-        refs = [(name, system, runs[system], runs.get("vanilla"), runs.get("relay"))
+        refs = [(name, system, runs[system], runs[system].get("twin_vanilla"), runs[system].get("twin_relay"))
                 for name in WORKLOADS for system in REFERENCES
                 if (runs := table.get((model, name, None), {})) and system in runs and "result" in runs[system]]
         if refs:
-            out += ["Reference systems (same call as their vanilla twin where one is shown):", "",
+            out += ["Reference systems, against the vanilla (and relay) runs of their own call:", "",
                     "| workload | system | tok/s | med TTFT ms | med TPOT ms | vanilla (FlashInfer) tok/s | "
                     "vanilla med TPOT ms | vanilla / system tok/s | relay / system tok/s |",
                     "|---|---|---|---|---|---|---|---|---|"]
@@ -407,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(calls)
     doc = {"device": device, "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "sources": a.inputs, "calls": calls,
+           # Each call's settings, versions and outcome; its runs are in "table" and, whole, in its source file.
+           "sources": a.inputs, "calls": [{k: v for k, v in c.items() if k not in ("runs", "server_info")} for c in calls],
            "table": [{"model": k[0], "workload": k[1], "rate": k[2],
                       **{s: r["result"] for s, r in v.items()}} for k, v in sorted(
                           index(calls).items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2] or 0))]}
