@@ -526,6 +526,11 @@ def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
     for run in res["runs"]:
         assert run["rc"] == 0 and run["input_tokens_ok"], run
         assert run["result"]["completed"] == (run_serving.rate_num_requests(64) if run["rate"] else 128)
+        if run["workload"] != "frontend8k":  # sglang.benchmark.serving --output-details: every request's TTFT
+            assert len(run["result"]["ttfts_ms"]) == run["result"]["completed"]
+            assert all(t > 0 for t in run["result"]["ttfts_ms"])
+    kept = [json.loads(l) for l in (run_serving.WORK / "relay-nested_c128.jsonl").read_text().splitlines()]
+    assert kept and "ttfts" in kept[-1] and "generated_texts" not in kept[-1] and "itls" not in kept[-1]
     assert res["rate_search"]["relay"]["sustainable_rate"] == 64.0
     assert set(res["warmup_s"]) == set(res["server_start_s"]) == {"relay", "vanilla"}
     assert res["server_info"]["relay"]["fake"] is True

@@ -204,7 +204,7 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
            "--host", "127.0.0.1", "--port", str(port), "--tokenizer", model_dir,
            "--output-file", str(out_file), "--tag", tag, "--disable-tqdm", "--seed", "42",
-           "--ready-check-timeout-sec", "30"]
+           "--ready-check-timeout-sec", "30", "--output-details"]
     if w.kind in ("gsp", "rate"):
         per_group = rate_num_requests(rate) if w.kind == "rate" else w.per_group
         cmd += ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(w.groups),
@@ -272,7 +272,22 @@ def _tail(path: Path, n: int) -> str:
 
 
 def _slim(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "server_info" and not isinstance(v, list)}
+    """A benchmark record's scalars, plus each request's time to first token (``ttfts_ms``, in
+    request order, from ``--output-details``): the TTFT tail is read from it."""
+    out = {k: v for k, v in record.items() if k != "server_info" and not isinstance(v, list)}
+    if record.get("ttfts"):
+        out["ttfts_ms"] = [round(t * 1e3, 1) for t in record["ttfts"]]
+    return out
+
+
+def _drop_bulky_details(path: Path) -> None:
+    """Rewrite a benchmark JSONL without the generated texts and per-token latencies that
+    ``--output-details`` adds (hundreds of KB per run in the call's log archive)."""
+    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    for rec in lines:
+        for key in ("generated_texts", "itls"):
+            rec.pop(key, None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 class Driver:
@@ -629,6 +644,8 @@ class Driver:
             self.save()
             return run
         records = [json.loads(l) for l in out_file.read_text().splitlines() if l.strip()] if out_file.exists() else []
+        if records:
+            _drop_bulky_details(out_file)
         if rc != 0 or not records:
             self.fail(f"{tag}: rc={rc}, {len(records)} result records (log tail below)")
             print(_tail(log, 15), flush=True)
