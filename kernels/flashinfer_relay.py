@@ -23,7 +23,8 @@ CUDA graphs (``use_cuda_graph=True``): FlashInfer fixes the batch size of each w
 an instance serves one captured batch size: ``q`` has exactly ``max_bs`` rows (pad rows with
 empty suffixes), groups are padded to ``max_groups`` plus one sink group that takes the
 padding member rows (so the prefill always has ``max_members`` query rows, as FlashInfer's
-graph mode requires a fixed row count). ``plan`` writes only into buffers allocated here.
+graph mode requires a fixed row count). ``plan`` writes only into buffers allocated here or,
+with ``shared``, into those of the larger instance it borrows them from.
 """
 
 from __future__ import annotations

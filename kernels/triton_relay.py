@@ -132,8 +132,8 @@ class TritonRelayDecode:
         self.max_prefix_work = max_tiles * max_prefix_chunks
         self.max_suffix_work = 0 if external_suffix else max_bs * max_suffix_splits
 
-        # Persistent grids: programs_per_sm per SM in total (all co-resident: one wave, no
-        # straggler programs), split over the KV heads; never more than the capacity.
+        # Persistent grids, split over the KV heads and never more than the capacity. Prefix:
+        # programs_per_sm per SM in total (all co-resident: one wave, no straggler programs).
         per_head = max(1, self.target_programs // num_kv_heads)
         self.prefix_programs = min(self.max_prefix_work, max(per_head, 1))
         # Suffix items are short: more programs than co-resident slots shorten each program's

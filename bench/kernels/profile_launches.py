@@ -1,9 +1,10 @@
 """Per-launch GPU time of the relay decode kernels (torch.profiler), next to a dense reference.
 
 Answers "which launch is the time" for a few bench configs: the prefix segment kernel, the
-suffix kernel (or FlashInfer decode), the merge. The dense reference is PyTorch's
-scaled_dot_product_attention (flash backend) over the same stacked prefix queries and the same
-number of keys stored contiguously: what the prefix pass would cost with no slot gather.
+suffix kernel (or FlashInfer decode), the merge. The dense references are PyTorch's
+scaled_dot_product_attention (FlashAttention-2 and cuDNN backends) over the same stacked prefix
+queries and the same number of keys stored contiguously: what the prefix pass would cost with no
+slot gather.
 
     python bench/kernels/profile_launches.py --out OUT     (GPU machine; writes OUT/profile.json)
 """
@@ -66,7 +67,7 @@ def dense_reference_us(hq: int, hkv: int, d: int, members: int, keys: int, backe
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
-    ap.add_argument("--kernels", default="relay_triton,relay_hybrid_stream,relay_fi,relay_fi_fa2")
+    ap.add_argument("--kernels", default="relay_triton,relay_hybrid_stream,relay_fi,relay_fi_fa3")
     args = ap.parse_args()
     res = dict(device=torch.cuda.get_device_name(), configs={})
     for name, spec in CONFIGS.items():

@@ -280,14 +280,14 @@ def _slim(record: dict) -> dict:
     return out
 
 
-def _drop_bulky_details(path: Path) -> None:
-    """Rewrite a benchmark JSONL without the generated texts and per-token latencies that
-    ``--output-details`` adds (hundreds of KB per run in the call's log archive)."""
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    for rec in lines:
+def _drop_bulky_details(path: Path, records: list[dict]) -> None:
+    """Rewrite a benchmark JSONL (its parsed ``records``, changed in place) without the generated
+    texts and per-token latencies that ``--output-details`` adds (hundreds of KB per run in the
+    call's log archive)."""
+    for rec in records:
         for key in ("generated_texts", "itls"):
             rec.pop(key, None)
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 class Driver:
@@ -645,7 +645,7 @@ class Driver:
             return run
         records = [json.loads(l) for l in out_file.read_text().splitlines() if l.strip()] if out_file.exists() else []
         if records:
-            _drop_bulky_details(out_file)
+            _drop_bulky_details(out_file, records)
         if rc != 0 or not records:
             self.fail(f"{tag}: rc={rc}, {len(records)} result records (log tail below)")
             print(_tail(log, 15), flush=True)

@@ -282,7 +282,7 @@ def markdown(calls: list[dict]) -> str:
                 continue
             r, v = runs.get("relay"), runs.get("vanilla")
             # The control of the same call when it ran one (c64 controls vary between calls), else the shown one.
-            ctrl = own_calls.get((_records(r, v), model, w.control)) or table.get((model, w.control, None), {}) \
+            ctrl = own_calls.get(((r or v or {}).get("record"), model, w.control)) or table.get((model, w.control, None), {}) \
                 if w.control else {}
             ctrl_tpot = _get(ctrl.get("vanilla"), "median_tpot_ms") or _get(ctrl.get("relay"), "median_tpot_ms")
             ctrl_step = _step(ctrl.get("vanilla")) or _step(ctrl.get("relay"))
