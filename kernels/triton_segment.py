@@ -12,16 +12,18 @@ The grid is persistent and fixed (``[num_kv_heads, num_programs]``): program ``p
 work items ``pid, pid + num_programs, ...`` below the live count read from a device tensor,
 so a CUDA graph captured once replays any later plan that fits the capacities. The KV head is
 the fast grid axis so that, when a step has fewer items than programs, the working programs
-(the low ``pid``\ s of every head) are launched first and spread over all SMs.
+(the low program ids of every head) are launched first and spread over all SMs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_segment_attention"]
+__all__ = ["launch_segment_attention", "slot_runs_supported"]
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
 _LN2 = 0.6931471805599453
@@ -31,6 +33,109 @@ _LN2 = 0.6931471805599453
 def _tanh(x):
     # tanh through sigmoid (tl has no tanh in every backend): 2*sigmoid(2x) - 1.
     return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _softmax_tile(q, k_t, m_i, l_i, mask_n, sm_scale, logit_cap,
+                  HAS_CAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores of one KV tile and the online-softmax update (running max ``m_i`` in base-2 units).
+
+    q ``[BLOCK_M, BLOCK_D]``, k_t ``[BLOCK_D, BLOCK_N]``; keys with ``mask_n`` false get
+    probability 0. Every tile has at least one live key, so the new max is finite.
+    Returns ``(p [BLOCK_M, BLOCK_N] fp32, alpha [BLOCK_M], m_new, l_new)``; the caller does
+    ``acc = acc * alpha[:, None] + p @ v``.
+    """
+    s = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
+    if HAS_CAP:
+        s = logit_cap * _tanh(s / logit_cap)
+    s = tl.where(mask_n[None, :], s * 1.4426950408889634, float("-inf"))  # base 2
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_gathered(q, K_Buffer, V_Buffer, Kv_Indices, kv_start, kv_len, kv_head, stride_k_s, stride_k_h,
+                     stride_v_s, stride_v_h, m_i, l_i, acc, sm_scale, logit_cap,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_CAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, K_ROW_MAJOR: tl.constexpr):
+    """Keys ``Kv_Indices[kv_start : kv_start + kv_len]`` in any slot order: per-row pointer gathers."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    for start_n in range(0, kv_len, BLOCK_N):
+        n = start_n + offs_n
+        mask_n = n < kv_len
+        # Out-of-range keys load slot 0 and are masked to -inf.
+        slot = tl.load(Kv_Indices + kv_start + n, mask=mask_n, other=0).to(tl.int64)
+        # int64 flat offsets: num_slots * num_kv_heads * head_dim exceeds 2**31 on big pools.
+        if K_ROW_MAJOR:
+            # K tile as stored ([BLOCK_N, BLOCK_D], head_dim contiguous), transposed for the dot.
+            k_t = tl.trans(tl.load(
+                K_Buffer + slot[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+            ))
+        else:
+            k_t = tl.load(
+                K_Buffer + slot[None, :] * stride_k_s + kv_head * stride_k_h + offs_d[:, None],
+                mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+            )  # [BLOCK_D, BLOCK_N]
+        p, alpha, m_i, l_i = _softmax_tile(q, k_t, m_i, l_i, mask_n, sm_scale, logit_cap, HAS_CAP, INPUT_PRECISION)
+        v = tl.load(
+            V_Buffer + slot[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _is_slot_run(Kv_Indices, kv_start, kv_len, first_slot, RUN_CHECK: tl.constexpr):
+    """True when ``Kv_Indices[kv_start + n] == first_slot + n`` for every ``n < kv_len``.
+
+    Mismatches are OR-ed element-wise and reduced once at the end: the check costs about one
+    load latency per ``RUN_CHECK`` keys (a reduction per block cost ~4 us per 2K-key chunk).
+    """
+    bad = tl.zeros([RUN_CHECK], dtype=tl.int1)
+    for c in range(0, kv_len, RUN_CHECK):
+        i = c + tl.arange(0, RUN_CHECK)
+        live = i < kv_len
+        sl = tl.load(Kv_Indices + kv_start + i, mask=live, other=0)
+        bad = bad | (live & (sl != first_slot + i))
+    return tl.max(bad.to(tl.int32), 0) == 0
+
+
+@triton.jit
+def _attend_run(q, k_desc, v_desc, K_Buffer, V_Buffer, first_slot, kv_len, kv_head, stride_k_s, stride_k_h,
+                stride_v_s, stride_v_h, m_i, l_i, acc, sm_scale, logit_cap,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CAP: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """Keys in consecutive slots ``first_slot ..``: full tiles by TMA (``k_desc``/``v_desc`` boxes
+    ``[BLOCK_N, HEAD_DIM]`` of the pool as ``[num_slots, num_kv_heads * head_dim]``), the last
+    partial tile by a masked load of the same consecutive slots (no key past the run is read)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col = (kv_head * HEAD_DIM).to(tl.int32)  # TMA coordinates are int32
+    full = (kv_len // BLOCK_N) * BLOCK_N
+    all_keys = offs_n < BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        k = k_desc.load([first_slot + start_n, col])  # [BLOCK_N, HEAD_DIM]
+        v = v_desc.load([first_slot + start_n, col])
+        p, alpha, m_i, l_i = _softmax_tile(q, k.T, m_i, l_i, all_keys, sm_scale, logit_cap, HAS_CAP, INPUT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    if full < kv_len:
+        n = full + offs_n
+        mask_n = n < kv_len
+        slot = (first_slot + n).to(tl.int64)
+        k = tl.load(K_Buffer + slot[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        v = tl.load(V_Buffer + slot[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        p, alpha, m_i, l_i = _softmax_tile(q, tl.trans(k), m_i, l_i, mask_n, sm_scale, logit_cap, HAS_CAP,
+                                           INPUT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -49,6 +154,7 @@ def _segment_attention_kernel(
     # Scalars
     sm_scale,
     logit_cap,
+    num_slots,
     # Strides (elements)
     stride_q_bs,
     stride_q_h,
@@ -69,6 +175,8 @@ def _segment_attention_kernel(
     HAS_CAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     K_ROW_MAJOR: tl.constexpr,
+    SLOT_RUNS: tl.constexpr,  # items whose slots are one consecutive run take the TMA loop
+    ROW_WIDTH: tl.constexpr,  # num_kv_heads * head_dim (SLOT_RUNS only)
 ):
     # A tile must hold at least one member's GQA heads, and tl.dot needs M >= 16.
     tl.static_assert(BLOCK_M >= GQA)
@@ -80,11 +188,17 @@ def _segment_attention_kernel(
     num_work = tl.load(Num_Work)
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     member_local = offs_m // GQA
     head = kv_head * GQA + (offs_m % GQA)  # [BLOCK_M] query head of each stacked row
+    if SLOT_RUNS:
+        # Device-side descriptors over the whole pool seen as [num_slots, num_kv_heads * head_dim]
+        # (contiguous pool, checked by the launcher); one box is one KV head's [BLOCK_N, HEAD_DIM].
+        k_desc = tl.make_tensor_descriptor(K_Buffer, shape=[num_slots, ROW_WIDTH], strides=[ROW_WIDTH, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V_Buffer, shape=[num_slots, ROW_WIDTH], strides=[ROW_WIDTH, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     for w in range(pid, num_work, num_programs):
         wp = Work + w * WORK_FIELDS
@@ -104,38 +218,24 @@ def _segment_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, kv_len, BLOCK_N):
-            n = start_n + offs_n
-            mask_n = n < kv_len
-            # Out-of-range keys load slot 0 and are masked to -inf below.
-            slot = tl.load(Kv_Indices + kv_start + n, mask=mask_n, other=0).to(tl.int64)
-            # int64 flat offsets: num_slots * num_kv_heads * head_dim exceeds 2**31 on big pools.
-            if K_ROW_MAJOR:
-                # K tile as stored ([BLOCK_N, BLOCK_D], head_dim contiguous), transposed for the dot.
-                k = tl.load(
-                    K_Buffer + slot[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-                )  # [BLOCK_N, BLOCK_D]
-                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
+        if SLOT_RUNS:
+            # The check reads the item's slot ids once (4 bytes per key against 2 * head_dim * 2
+            # bytes of KV); a radix-cache prefix allocated in one piece is one run.
+            first_slot = tl.load(Kv_Indices + kv_start)
+            if _is_slot_run(Kv_Indices, kv_start, kv_len, first_slot, 2048):
+                m_i, l_i, acc = _attend_run(q, k_desc, v_desc, K_Buffer, V_Buffer, first_slot, kv_len, kv_head,
+                                            stride_k_s, stride_k_h, stride_v_s, stride_v_h, m_i, l_i, acc,
+                                            sm_scale, logit_cap, HEAD_DIM, BLOCK_N, HAS_CAP, INPUT_PRECISION)
             else:
-                k = tl.load(
-                    K_Buffer + slot[None, :] * stride_k_s + kv_head * stride_k_h + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-                )  # [BLOCK_D, BLOCK_N]
-                s = tl.dot(q, k, input_precision=INPUT_PRECISION) * sm_scale  # [BLOCK_M, BLOCK_N]
-            if HAS_CAP:
-                s = logit_cap * _tanh(s / logit_cap)
-            s = tl.where(mask_n[None, :], s * 1.4426950408889634, float("-inf"))  # base 2
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has a live key
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V_Buffer + slot[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-            )  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-            m_i = m_new
+                m_i, l_i, acc = _attend_gathered(q, K_Buffer, V_Buffer, Kv_Indices, kv_start, kv_len, kv_head,
+                                                 stride_k_s, stride_k_h, stride_v_s, stride_v_h, m_i, l_i, acc,
+                                                 sm_scale, logit_cap, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_CAP,
+                                                 INPUT_PRECISION, K_ROW_MAJOR)
+        else:
+            m_i, l_i, acc = _attend_gathered(q, K_Buffer, V_Buffer, Kv_Indices, kv_start, kv_len, kv_head,
+                                             stride_k_s, stride_k_h, stride_v_s, stride_v_h, m_i, l_i, acc,
+                                             sm_scale, logit_cap, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_CAP,
+                                             INPUT_PRECISION, K_ROW_MAJOR)
 
         # Empty state (0, -inf) when no key was seen (cannot happen for kv_len >= 1; kept exact).
         has = l_i > 0
@@ -169,6 +269,7 @@ def launch_segment_attention(
     num_warps: int,
     num_stages: int,
     k_row_major: bool = False,
+    slot_runs: bool = False,
 ) -> None:
     """Launch the segment kernel over a fixed persistent grid ``[num_kv_heads, num_programs]``.
 
@@ -179,6 +280,10 @@ def launch_segment_attention(
     k_row_major: load each K tile as stored (``[BLOCK_N, BLOCK_D]``) and transpose it for the dot,
     instead of gathering it transposed (``[BLOCK_D, BLOCK_N]``); same result, a launch variant
     measured by ``bench/kernels/run.py`` (off by default until it is faster on the GPU).
+    slot_runs: a work item whose slot ids are one consecutive run (``kv_indices[kv_start + n] ==
+    kv_indices[kv_start] + n``, checked in the kernel per item) loads its K/V tiles by TMA
+    instead of per-row gathers; other items take the gather loop. Needs contiguous pools, a
+    power-of-two head_dim and a GPU with TMA (Hopper+): :func:`slot_runs_supported`.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -189,15 +294,47 @@ def launch_segment_attention(
     if head_dim > 128:
         # K/V tiles of 64 x 256 x 3 stages would not fit in shared memory (228 KB on H100).
         block_n, num_stages = min(block_n, 32), min(num_stages, 2)
+    if slot_runs:
+        assert slot_runs_supported(k_buffer, v_buffer), "slot_runs: see slot_runs_supported()"
+        _ensure_descriptor_allocator()
     grid = (num_kv_heads, max(1, num_programs))
     _segment_attention_kernel[grid](
         q, k_buffer, v_buffer, kv_indices, rows, slot_base, work, num_work, part_o, part_lse,
-        float(sm_scale), float(logit_cap) if logit_cap > 0 else 1.0,
+        float(sm_scale), float(logit_cap) if logit_cap > 0 else 1.0, k_buffer.shape[0],
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
         GQA=gqa, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, WORK_FIELDS=5, HAS_CAP=logit_cap > 0,
         # fp32 inputs: exact fp32 dot (tf32 would cost ~1e-3 relative error).
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None, K_ROW_MAJOR=k_row_major,
+        SLOT_RUNS=slot_runs, ROW_WIDTH=num_kv_heads * head_dim,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def slot_runs_supported(k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> bool:
+    """Whether the TMA run loop can read these pools: contiguous ``[num_slots, num_kv_heads,
+    head_dim]`` buffers with a power-of-two head_dim (the box width), rows 16-byte aligned, on a
+    GPU with the tensor-memory accelerator (compute capability >= 9) or under the interpreter."""
+    head_dim = k_buffer.shape[2]
+    ok = (k_buffer.is_contiguous() and v_buffer.is_contiguous() and head_dim & (head_dim - 1) == 0
+          and head_dim >= 16 and (k_buffer.shape[1] * head_dim * k_buffer.element_size()) % 16 == 0
+          and k_buffer.data_ptr() % 16 == 0 and v_buffer.data_ptr() % 16 == 0)
+    if k_buffer.device.type == "cuda":
+        return ok and torch.cuda.get_device_capability(k_buffer.device)[0] >= 9
+    return ok and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # In-kernel tensor descriptors (128 B each) live in a per-launch global scratch: a torch
+    # allocation on the current stream, so CUDA-graph capture takes it from the graph's pool.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Give Triton a scratch allocator for in-kernel descriptors unless one is set already
+    (Triton keeps it in a context variable; one set by the host program is left alone)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)

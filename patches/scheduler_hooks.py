@@ -75,7 +75,7 @@ def after_scheduler_init(result, self, *args, **kwargs):
 
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
         lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None),
-        host=backend.host))
+        host=backend.host, slot_breaks=backend.slot_breaks))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
@@ -116,7 +116,7 @@ def before_run_batch(self, batch, *args, **kwargs):
         backend.host.add_hook(time.perf_counter() - t0)
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:
-            prom.observe(stats, backend.host)
+            prom.observe(stats, backend.host, backend.slot_breaks.poll())
     else:
         backend.set_next_plan(None)
     return None

@@ -27,7 +27,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from relay_radix.config import RelayConfig
 from relay_radix.gate import AttentionDims
-from relay_radix.kv_slots import gather_ranges
+from relay_radix.kv_slots import SlotBreakCounter, gather_ranges
 from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan
 from relay_radix.reference import relay_decode_attention
 
@@ -80,6 +80,7 @@ class RelayAttnBackend(AttentionBackend):
         self._eager_kernel = None  # larger eager batches
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
+        self.slot_breaks = SlotBreakCounter()  # prefix slot-run breaks (TMA vs gather loop), no sync
         self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata), reuse count
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -239,6 +240,8 @@ class RelayAttnBackend(AttentionBackend):
         else:
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
+        if not in_capture:
+            self.slot_breaks.count(prefix_idx, prefix_lens)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,

@@ -17,6 +17,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
 | ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
 | ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2`` and the others measured by ``bench/kernels/run.py --variants`` were slower on the serving shapes; ``bench/results/kernels-h100-s6-variants.md``) |
+| ``RELAY_RADIX_SLOT_RUNS`` | 1 | Triton prefix launch: a chunk of a shared prefix whose KV slots are one consecutive run (a prompt prefilled in one piece from SGLang's sorted free list) is read by TMA instead of per-row gathers (Hopper and newer; other chunks are gathered); 0 gathers every chunk |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
@@ -53,6 +54,7 @@ class RelayConfig:
     suffix: str | None = None  # None: flashinfer when the base backend is flashinfer
     plan_reuse: bool = True
     prefix_stream: bool = True
+    slot_runs: bool = True
     prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
 
     def __post_init__(self):
@@ -81,8 +83,9 @@ class RelayConfig:
             )
 
     def prefix_launch(self) -> dict:
-        """``prefix_tile`` as ``TritonRelayDecode`` launch arguments (block_n also sets the
-        Triton suffix launch, which the server runs only with ``RELAY_RADIX_SUFFIX=triton``)."""
+        """``prefix_tile`` and ``slot_runs`` as ``TritonRelayDecode`` launch arguments (block_n
+        also sets the Triton suffix launch, which the server runs only with
+        ``RELAY_RADIX_SUFFIX=triton``; slot runs on means "where the GPU and pools allow")."""
         parts = self.prefix_tile.lower().split("x")
         ok = len(parts) == 4 and all(p.isdigit() for p in parts)
         if ok:
@@ -93,7 +96,8 @@ class RelayConfig:
             raise ValueError(
                 f"RELAY_RADIX_PREFIX_TILE={self.prefix_tile!r}: write BLOCK_MxBLOCK_NxWARPSxSTAGES with "
                 "BLOCK_M, BLOCK_N in 16/32/64/128, WARPS 4 or 8, STAGES 1-4 (default 64x64x4x3)")
-        return dict(prefix_block_m=block_m, block_n=block_n, num_warps_prefix=warps, num_stages_prefix=stages)
+        return dict(prefix_block_m=block_m, block_n=block_n, num_warps_prefix=warps, num_stages_prefix=stages,
+                    prefix_slot_runs=None if self.slot_runs else False)
 
     def suffix_kernel(self) -> str:
         """Where suffixes run on CUDA: FlashInfer decode unless asked otherwise or the base
@@ -116,5 +120,6 @@ class RelayConfig:
             suffix=os.environ.get("RELAY_RADIX_SUFFIX") or None,
             plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 1) != 0,
             prefix_stream=_env_int("RELAY_RADIX_PREFIX_STREAM", 1) != 0,
+            slot_runs=_env_int("RELAY_RADIX_SLOT_RUNS", 1) != 0,
             prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
         )

@@ -44,3 +44,53 @@ def gather_ranges(
     first = torch.cumsum(lens, 0) - lens  # exclusive prefix sum: output offset of each range
     pos = torch.arange(total, device=dev) - first[which] + starts.to(dev, torch.int64)[which]
     return req_to_token[rows.to(dev, torch.int64)[which], pos].to(torch.int32)
+
+
+class SlotBreakCounter:
+    """Breaks in the consecutive-slot runs of each step's shared-prefix slot lists.
+
+    The Triton prefix kernel reads a prefix chunk with TMA only when its slots are one run
+    (``RELAY_RADIX_SLOT_RUNS``); every break sends the chunk(s) around it to the slower gather
+    loop. This count makes that visible (decode log line ``prefix slot breaks B``, Prometheus
+    ``sglang:relay_prefix_slot_breaks``) instead of a silent slowdown. Boundaries between
+    groups are not breaks. Counted on the device when a new prefix plan is built and copied
+    back without a sync: :attr:`last` is the newest count whose copy has finished (``None``
+    before the first).
+    """
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self._host: torch.Tensor | None = None
+        self._event = None
+
+    def count(self, prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor) -> None:
+        """Start counting the breaks of ``prefix_idx`` (``[sum(prefix_lens_cpu)]`` int32, groups
+        concatenated)."""
+        self.poll()
+        n = int(prefix_idx.numel())
+        if n < 2:
+            self.last = 0
+            return
+        brk = prefix_idx[1:] != prefix_idx[:-1] + 1  # [n-1]: slot i+1 does not follow slot i
+        ends = torch.cumsum(prefix_lens_cpu.to(torch.int64), 0)[:-1] - 1  # last token of each group but the last
+        ends = ends[(ends >= 0) & (ends < n - 1)]
+        if ends.numel():
+            brk[ends.to(prefix_idx.device, non_blocking=True)] = False
+        total = brk.sum()
+        if prefix_idx.device.type != "cuda":
+            self.last = int(total)
+            return
+        if self._host is None:
+            self._host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        if self._event is not None:  # the previous count has not landed: keep the older value
+            return
+        self._host.copy_(total.reshape(1), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def poll(self) -> int | None:
+        """The newest finished count (never waits)."""
+        if self._event is not None and self._event.query():
+            self.last = int(self._host[0])
+            self._event = None
+        return self.last

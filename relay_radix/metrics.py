@@ -2,10 +2,13 @@
 
 * Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
   ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), host H ms/step (hook A,
-  metadata B, plan reuse P%), plan digest D`` to every ``Decode batch ...`` line (SGLang
+  metadata B, plan reuse P%), prefix slot breaks S, plan digest D`` to every ``Decode batch ...``
+  line (SGLang
   builds that line inside ``report_decode_stats``; the filter extends it without touching
   SGLang's code). Host figures are means over the decode steps since the previous line. D is
   the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
+  S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
+  read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``).
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
   made in a scheduler process (map section 9); these gauges and counters are made on the
   first decode step of a process whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
@@ -50,11 +53,12 @@ class DecodeLogFilter(logging.Filter):
     per step since the previous line; given ``digest_source``, the rolling plan digest) to
     SGLang's ``Decode batch`` log line."""
 
-    def __init__(self, stats_source, digest_source=None, host=None):
+    def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
         self.digest_source = digest_source  # callable -> bytes | None
         self.host = host
+        self.slot_breaks = slot_breaks  # SlotBreakCounter | None
         self._host_mark = [0.0, 0.0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -62,6 +66,9 @@ class DecodeLogFilter(logging.Filter):
             extra = format_stats(self.stats_source())
             if self.host is not None:
                 extra = f"{extra}, {format_host(*self.host.since(self._host_mark))}"
+            if self.slot_breaks is not None:
+                b = self.slot_breaks.poll()
+                extra = f"{extra}, prefix slot breaks {'-' if b is None else b}"
             if self.digest_source is not None:
                 extra = f"{extra}, {format_digest(self.digest_source())}"
             record.msg = f"{record.msg}, {extra}"
@@ -90,6 +97,8 @@ class RelayPrometheus:
         self.groups = gauge("groups", "Relay groups in the last decode step")
         self.members = gauge("members", "Requests in at least one relay group (last decode step)")
         self.shared_tokens = gauge("shared_tokens", "Shared prefix tokens read once per step (last step)")
+        self.prefix_slot_breaks = gauge("prefix_slot_breaks", "Breaks in the consecutive-slot runs of the newest "
+                                        "prefix plan (each sends a prefix chunk from TMA to the gather loop)")
         self.kv_bytes_relay = Counter("sglang:relay_kv_bytes_read", "KV bytes decode attention read with relay",
                                       labelnames=names)
         self.kv_bytes_vanilla = Counter("sglang:relay_kv_bytes_vanilla", "KV bytes vanilla decode would have read",
@@ -102,9 +111,12 @@ class RelayPrometheus:
                                     labelnames=names)
         self._host_mark = [0.0, 0.0, 0, 0]
 
-    def observe(self, s: PlanStats, host=None) -> None:
-        """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last call."""
+    def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None) -> None:
+        """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
+        call; ``slot_breaks``: the newest ``SlotBreakCounter`` count (None: none finished yet)."""
         lb = self.labels
+        if slot_breaks is not None:
+            self.prefix_slot_breaks.labels(**lb).set(slot_breaks)
         self.groups.labels(**lb).set(s.groups)
         self.members.labels(**lb).set(s.members)
         self.shared_tokens.labels(**lb).set(s.shared_tokens)

@@ -14,6 +14,7 @@ class RelayCase:
     v: torch.Tensor
     csr: dict  # the contract's index tensors (int32, on the case's device)
     sm_scale: float
+    layout_tag: str = ""  # "/runs" when prefixes sit in consecutive slots (report rows say so)
 
     def reference(self, logit_cap: float = 0.0):
         """float64 oracle on upcast inputs (CPU)."""
@@ -27,12 +28,24 @@ class RelayCase:
 def make_case(
     *, bs: int, hq: int, hkv: int, d: int, dtype: torch.dtype, groups: list[tuple[list[int], int]],
     suffix_lens: list[int], device: str = "cpu", seed: int = 0, extra_slots: int = 7,
+    slot_layout: str = "shuffled",
 ) -> RelayCase:
-    """groups: (member rows, prefix length) per group; disjoint random slots per segment."""
+    """groups: (member rows, prefix length) per group; disjoint slots per segment.
+
+    slot_layout: ``shuffled`` (every slot id drawn at random) or ``runs``: each group's prefix
+    lies in consecutive slots, as SGLang allocates a prompt prefilled in one piece, except that
+    the first group of >= 2 tokens is two runs in swapped order (a chunk straddling the break is
+    not one run) and the runs of different groups are separated by random gaps; suffix slots
+    stay shuffled (decode tokens are allocated one step at a time).
+    """
     g = torch.Generator().manual_seed(seed)
     total = sum(p for _, p in groups) + sum(suffix_lens)
     num_slots = total + extra_slots
     perm = torch.randperm(num_slots, generator=g).to(torch.int32)
+    if slot_layout == "runs":
+        perm = _prefix_runs(perm, [p for _, p in groups], g)
+    else:
+        assert slot_layout == "shuffled", slot_layout
     plens = torch.tensor([p for _, p in groups], dtype=torch.int64)
     p_indptr = torch.zeros(len(groups) + 1, dtype=torch.int32)
     p_indptr[1:] = torch.cumsum(plens, 0)
@@ -49,8 +62,32 @@ def make_case(
     k = torch.randn(num_slots, hkv, d, generator=gd, device=device).to(dtype)
     v = torch.randn(num_slots, hkv, d, generator=gd, device=device).to(dtype)
     q = torch.randn(bs, hq, d, generator=gd, device=device).to(dtype)
-    return RelayCase(q=q, k=k, v=v,
-                     csr={n: t.to(device) for n, t in csr.items()}, sm_scale=d ** -0.5)
+    return RelayCase(q=q, k=k, v=v, csr={n: t.to(device) for n, t in csr.items()}, sm_scale=d ** -0.5,
+                     layout_tag="" if slot_layout == "shuffled" else f"/{slot_layout}")
+
+
+def _prefix_runs(perm: torch.Tensor, prefix_lens: list[int], g: torch.Generator) -> torch.Tensor:
+    """Re-lay ``perm`` (a permutation of all slot ids) so that its first ``sum(prefix_lens)``
+    entries are per-group consecutive runs (see ``make_case``); the rest keeps the leftover
+    ids in random order."""
+    num_slots, npre = perm.numel(), sum(prefix_lens)
+    spare = num_slots - npre
+    gaps = torch.randint(0, max(1, spare // max(1, len(prefix_lens))) + 1, (len(prefix_lens),), generator=g)
+    gaps = (gaps * spare // max(1, int(gaps.sum()))).tolist() if int(gaps.sum()) > spare else gaps.tolist()
+    runs, used, start, split_done = [], torch.zeros(num_slots, dtype=torch.bool), 0, False
+    for plen, gap in zip(prefix_lens, gaps):
+        start += gap
+        ids = torch.arange(start, start + plen, dtype=torch.int32)
+        if plen >= 2 and not split_done:  # two runs, swapped: [cut..plen) then [0..cut)
+            cut = int(torch.randint(1, plen, (1,), generator=g))
+            ids = torch.cat([ids[cut:], ids[:cut]])
+            split_done = True
+        used[start:start + plen] = True
+        runs.append(ids)
+        start += plen
+    rest = torch.arange(num_slots, dtype=torch.int32)[~used]
+    rest = rest[torch.randperm(rest.numel(), generator=g)]
+    return torch.cat(runs + [rest]) if runs else rest
 
 
 def random_groups(bs: int, *, seed: int, max_prefix: int, max_group: int, nested: bool = True,

@@ -18,8 +18,10 @@ TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
 def build_case(kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int, bs: int | None = None,
-               min_suffix: int = 0):
-    """min_suffix=1: every row owns >= 1 token, as in server decode (the token being decoded)."""
+               min_suffix: int = 0, slot_layout: str = "shuffled"):
+    """min_suffix=1: every row owns >= 1 token, as in server decode (the token being decoded).
+    slot_layout: ``shuffled`` or ``runs`` (prefixes in consecutive slots: the TMA run loop on
+    Hopper; see ``tests._relay_cases.make_case``)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "mixed":  # several + nested groups, rows in no group, suffixes 0..2048
         bs = bs or 48
@@ -42,7 +44,7 @@ def build_case(kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed
         raise ValueError(kind)
     suffix = [max(x, min_suffix) for x in suffix]
     return make_case(bs=bs, hq=hq, hkv=hkv, d=d, dtype=dtype, groups=groups, suffix_lens=suffix,
-                     device="cuda", seed=seed, extra_slots=1000)
+                     device="cuda", seed=seed, extra_slots=1000, slot_layout=slot_layout)
 
 
 class HybridRelay:
@@ -131,8 +133,10 @@ def _plan(path, w, case):
     w.plan(**kw)
 
 
-def check(path: str, kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, min_suffix=int(path.startswith("hybrid")))
+def check(path: str, kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0,
+          slot_layout: str = "shuffled") -> dict:
+    case = build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, min_suffix=int(path.startswith("hybrid")),
+                      slot_layout=slot_layout)
     w = make_wrapper(path, case)
     _plan(path, w, case)
     o = torch.full_like(case.q, float("nan"))
@@ -146,7 +150,7 @@ def _row(path, kind, case, o, ref) -> dict:
     err, mx = rel_err(o, ref)
     nan = bool(torch.isnan(o).any())
     dtype = case.q.dtype
-    return dict(path=path, case=kind, dtype=str(dtype).replace("torch.", ""), hq=case.q.shape[1],
+    return dict(path=path, case=kind + getattr(case, "layout_tag", ""), dtype=str(dtype).replace("torch.", ""), hq=case.q.shape[1],
                 hkv=case.k.shape[1], d=case.q.shape[2], bs=case.q.shape[0], rel_err=err, max_abs=mx, nan=nan,
                 ok=(not nan) and err < TOL[dtype])
 
@@ -165,10 +169,10 @@ def capture_graph(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
+def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype, slot_layout: str = "shuffled") -> list[dict]:
     """The side-stream prefix path under CUDA-graph capture: the fork/join is captured as graph
     edges, so a replay must equal the eager run (same plan; new q each replay)."""
-    case = build_case("nested", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=211, min_suffix=1)
+    case = build_case("nested", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=211, min_suffix=1, slot_layout=slot_layout)
     w = make_wrapper("hybrid_stream", case)
     _plan("hybrid_stream", w, case)
     q = case.q.clone()
@@ -186,13 +190,17 @@ def check_stream_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list
     return rows
 
 
-def check_graph(path: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
+def check_graph(path: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype,
+                slot_layouts: tuple[str, str, str] = ("shuffled",) * 3) -> list[dict]:
     """Capture run() once after plan A, then plan B (other groups, other lengths), replay, check;
-    then plan C, replay, check. FlashInfer graph mode keeps the batch size fixed."""
+    then plan C, replay, check. FlashInfer graph mode keeps the batch size fixed.
+    slot_layouts: of plans A, B, C (mixing ``runs`` and ``shuffled`` replays one graph over both
+    prefix loops of the Triton kernel, which picks per chunk on the device)."""
     bs = 40
-    cases = [build_case("mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=s, bs=bs) for s in (101, 102, 103)]
+    cases = [build_case("mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=s, bs=bs, slot_layout=lay)
+             for s, lay in zip((101, 102, 103), slot_layouts)]
     if path == "triton":  # Triton graphs accept a smaller live batch too
-        cases[2] = build_case("mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=103, bs=29)
+        cases[2] = build_case("mixed", hq=hq, hkv=hkv, d=d, dtype=dtype, seed=103, bs=29, slot_layout=slot_layouts[2])
     # One KV pool / q buffer for all plans (the graph reads fixed addresses): copy each case in.
     nslots = max(c.k.shape[0] for c in cases)
     k = torch.empty((nslots, hkv, d), dtype=dtype, device="cuda")

@@ -239,7 +239,7 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     s.prefill([s.new_req(system + words(2, 10))])
     s.prefill([s.new_req(system + words(3 + i, 10)) for i in range(3)] + [s.new_req(words(9, 40))])
     gen = torch.Generator().manual_seed(0)
-    log_filter = DecodeLogFilter(lambda: relay.last_stats, host=relay.host)
+    log_filter = DecodeLogFilter(lambda: relay.last_stats, host=relay.host, slot_breaks=relay.slot_breaks)
     for _ in range(3):
         assert decode_and_compare(s, runner, relay, native, layers(s), gen, scheduler) < 1e-5
 
@@ -249,6 +249,8 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     assert "relay: groups 1, members 4, shared 300 tok" in line, line
     host_ms = float(line.split("host ")[1].split(" ms/step")[0])
     assert host_ms > 0 and "plan reuse 0%" in line  # the CPU path gathers every step
+    # SGLang's allocator handed the prompt prefilled in one piece consecutive slots: no break.
+    assert "prefix slot breaks 0" in line, line
     again = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
     log_filter.filter(again)
     assert "host: no decode step" in again.getMessage()  # a reader sees each step once
@@ -258,6 +260,7 @@ def test_decode_log_line_and_prometheus_after_real_steps():
 
     assert (value("sglang:relay_groups"), value("sglang:relay_members")) == (1.0, 4.0)
     assert value("sglang:relay_shared_tokens") == 300.0
+    assert value("sglang:relay_prefix_slot_breaks") == 0.0
     read, vanilla = value("sglang:relay_kv_bytes_read_total"), value("sglang:relay_kv_bytes_vanilla_total")
     assert 0 < read < vanilla
     # Each hook adds the backend steps finished before it: steps 1 and 2 by the end of step 3.
@@ -267,3 +270,20 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     assert value("sglang:relay_host_seconds_total", part="metadata") > 0
     for r in list(s.running):
         s.finish(r)
+
+
+def test_slot_break_counter_counts_breaks_inside_groups_only():
+    """Breaks in consecutive-slot runs (what sends a prefix chunk from the TMA loop to the gather
+    loop): a jump inside a group counts, a group boundary does not."""
+    from relay_radix.kv_slots import SlotBreakCounter
+
+    c = SlotBreakCounter()
+    assert c.poll() is None
+    groups = [list(range(100, 105)), list(range(10, 13)) + list(range(20, 22)), [7], [8, 9, 3]]
+    idx = torch.tensor([t for g in groups for t in g], dtype=torch.int32)
+    c.count(idx, torch.tensor([len(g) for g in groups]))
+    assert c.poll() == 2  # 12 -> 20 and 9 -> 3; 104 -> 10, 21 -> 7 and 7 -> 8 are boundaries
+    c.count(torch.arange(5, 50, dtype=torch.int32), torch.tensor([45]))
+    assert c.poll() == 0
+    c.count(torch.empty(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64))
+    assert c.poll() == 0

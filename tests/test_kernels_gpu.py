@@ -74,32 +74,54 @@ def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
     _assert(check(path, kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
 
 
+SLOT_RUN_CASES = [("triton", k, d, dt) for k, d in [("mixed", 64), ("mixed", 128), ("mixed", 256), ("big_group", 128),
+                                                   ("nested", 128)] for dt in (torch.bfloat16, torch.float16)]
+SLOT_RUN_CASES += [("hybrid_stream", k, 128, torch.bfloat16) for k in ("mixed", "big_group", "nested")]
+
+
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("path,kind,d,dtype", SLOT_RUN_CASES)
+def test_slot_runs(path, kind, d, dtype, hq, hkv):
+    """Prefixes in consecutive slots (as SGLang allocates a prompt prefilled in one piece): the
+    prefix chunks that are one run take the TMA loop, the chunk across the planted break the
+    gather loop (``hybrid_stream`` is the server's default path)."""
+    from tests._relay_gpu_checks import check
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA run loop needs compute capability >= 9")
+    _assert(check(path, kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=hq * 31 + d, slot_layout="runs"))
+
+
+@pytest.mark.parametrize("slot_layout", ["shuffled", "runs"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-def test_prefix_stream_under_cuda_graph(hq, hkv):
+def test_prefix_stream_under_cuda_graph(hq, hkv, slot_layout):
     """Fork/join of the side-stream prefix launch captured in a CUDA graph and replayed."""
     from tests._relay_gpu_checks import check_stream_graph
 
-    for row in check_stream_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16):
+    for row in check_stream_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, slot_layout=slot_layout):
         _assert(row)
 
 
-@pytest.mark.parametrize("path", ["triton", "flashinfer"])
-def test_cuda_graph_replay_after_replan(path):
+@pytest.mark.parametrize("path,layouts", [("triton", ("shuffled",) * 3), ("flashinfer", ("shuffled",) * 3),
+                                          ("triton", ("runs", "shuffled", "runs"))])
+def test_cuda_graph_replay_after_replan(path, layouts):
     from tests._relay_gpu_checks import check_graph
 
-    for row in check_graph(path, hq=32, hkv=8, d=128, dtype=torch.bfloat16):
+    for row in check_graph(path, hq=32, hkv=8, d=128, dtype=torch.bfloat16, slot_layouts=layouts):
         _assert(row)
 
 
-def test_int64_offsets():
-    # KV pool with num_slots * num_kv_heads * head_dim > 2**31 elements; live slots at the top.
+@pytest.mark.parametrize("slot_layout", ["shuffled", "runs"])
+def test_int64_offsets(slot_layout):
+    # KV pool with num_slots * num_kv_heads * head_dim > 2**31 elements; live slots at the top
+    # (runs: the TMA loop's int32 row coordinates and its int64 tail offsets up there).
     from relay_radix.kernels import relay_decode_triton
     from tests._relay_cases import make_case, reference_device, rel_err
 
     hkv, d = 8, 128
     num_slots = 2**31 // (hkv * d) + 8192
-    small = make_case(bs=16, hq=32, hkv=hkv, d=d, dtype=torch.bfloat16, groups=[(list(range(16)), 3000)],
-                      suffix_lens=[100] * 16, device="cuda", seed=5)
+    small = make_case(bs=16, hq=32, hkv=hkv, d=d, dtype=torch.bfloat16, groups=[(list(range(16)), 3001)],
+                      suffix_lens=[100] * 16, device="cuda", seed=5, slot_layout=slot_layout)
     k = torch.empty((num_slots, hkv, d), dtype=torch.bfloat16, device="cuda")
     v = torch.empty_like(k)
     base = num_slots - small.k.shape[0]

@@ -73,6 +73,28 @@ def test_large_prefix_tiles(hq, hkv):
     _check(case, torch.float32, prefix_block_m=128, block_n=128, num_stages_prefix=2, num_stages_suffix=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (4, 4, 64), (4, 2, 256)])
+@pytest.mark.parametrize("logit_cap", [0.0, 30.0])
+def test_slot_runs_tma_path(dtype, hq, hkv, d, logit_cap):
+    """Prefix chunks in consecutive slots take the TMA run loop (full tiles by descriptor, the
+    partial tail by masked loads); a chunk straddling a break in the runs takes the gather loop.
+    Prefix lengths are not multiples of the tile, nested groups and rows in no group included."""
+    from relay_radix.kernels.triton_segment import slot_runs_supported
+
+    bs = 14
+    groups = [(list(range(0, 10)), 301), (list(range(0, 4)), 97), (list(range(10, 13)), 130), ([3, 11], 64)]
+    case = make_case(bs=bs, hq=hq, hkv=hkv, d=d, dtype=dtype, groups=groups, slot_layout="runs", seed=hq + d,
+                     suffix_lens=[int(x) for x in np.random.default_rng(d).integers(0, 90, bs)])
+    idx, indptr = case.csr["prefix_kv_indices"], case.csr["prefix_kv_indptr"]
+    g0 = idx[int(indptr[0]):int(indptr[1])]
+    assert not bool((g0.diff() == 1).all()), "first group must hold a break between its runs"
+    g1 = idx[int(indptr[1]):int(indptr[2])]
+    assert bool((g1.diff() == 1).all()), "second group must be one run"
+    assert slot_runs_supported(case.k, case.v)
+    _check(case, dtype, logit_cap=logit_cap, prefix_slot_runs=True, min_chunk=64, block_n=32)
+
+
 def test_head_dim_256_large_group():
     groups = [(list(range(0, 20)), 257), (list(range(0, 7)), 31), (list(range(20, 23)), 5)]
     case = make_case(bs=24, hq=4, hkv=2, d=256, dtype=torch.float16, groups=groups,

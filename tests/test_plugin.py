@@ -104,10 +104,11 @@ def test_config_from_env_validates(monkeypatch):
     monkeypatch.setenv("RELAY_RADIX_PREFIX_STREAM", "0")
     assert (RelayConfig.from_env().plan_reuse, RelayConfig.from_env().prefix_stream) == (False, False)
     assert RelayConfig.from_env().prefix_launch() == dict(prefix_block_m=64, block_n=64, num_warps_prefix=4,
-                                                          num_stages_prefix=3)
+                                                          num_stages_prefix=3, prefix_slot_runs=None)
     monkeypatch.setenv("RELAY_RADIX_PREFIX_TILE", "128x128x8x2")
+    monkeypatch.setenv("RELAY_RADIX_SLOT_RUNS", "0")
     assert RelayConfig.from_env().prefix_launch() == dict(prefix_block_m=128, block_n=128, num_warps_prefix=8,
-                                                          num_stages_prefix=2)
+                                                          num_stages_prefix=2, prefix_slot_runs=False)
     for bad in ("128x128", "96x64x4x3", "64x64x6x3", "64x64x4x9", "big"):
         monkeypatch.setenv("RELAY_RADIX_PREFIX_TILE", bad)
         with pytest.raises(ValueError, match="RELAY_RADIX_PREFIX_TILE"):

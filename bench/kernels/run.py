@@ -257,7 +257,7 @@ def k_relay_fi_fa3(w):
     return k_relay_fi(w, prefill_backend="fa3")
 
 
-def k_relay_hybrid(w, prefix_stream: bool = False):
+def k_relay_hybrid(w, prefix_stream: bool = False, **opts):
     """The server's path: FlashInfer decode over the suffixes + Triton prefix parts merged on top
     (``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode)."""
     from tests._relay_gpu_checks import HybridRelay
@@ -265,12 +265,18 @@ def k_relay_hybrid(w, prefix_stream: bool = False):
     bs = w["bs"]
     wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, prefix_stream=prefix_stream, max_bs=max(bs, 256),
                      max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
-                     max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1)
+                     max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1, **opts)
     return _planned(wr, w, sm_scale=w["sm_scale"])
 
 
 def k_relay_hybrid_stream(w):
     return k_relay_hybrid(w, prefix_stream=True)
+
+
+def k_relay_hybrid_stream_gather(w):
+    """The server's path with every prefix chunk gathered (``RELAY_RADIX_SLOT_RUNS=0``): what a
+    prefix whose slots are not consecutive costs."""
+    return k_relay_hybrid(w, prefix_stream=True, prefix_slot_runs=False)
 
 
 KERNELS = {
@@ -282,6 +288,7 @@ KERNELS = {
     "relay_fi_fa3": k_relay_fi_fa3,
     "relay_hybrid": k_relay_hybrid,
     "relay_hybrid_stream": k_relay_hybrid_stream,
+    "relay_hybrid_stream_gather": k_relay_hybrid_stream_gather,
 }
 
 
@@ -371,6 +378,11 @@ def correctness_rows(deadline):
     for kind in ("nested", "big_group", "no_groups"):
         for hq, hkv in ((32, 32), (32, 4)):
             jobs.append(("hybrid", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=13)))
+    # Prefixes in consecutive slots (the TMA run loop of the prefix kernel, per chunk).
+    for path in ("triton", "hybrid"):
+        for dtype in (torch.bfloat16, torch.float16):
+            for hq, hkv in ((32, 32), (32, 8), (32, 4)):
+                jobs.append((path, "mixed", dict(hq=hq, hkv=hkv, d=128, dtype=dtype, seed=17, slot_layout="runs")))
     for kind in ("mixed", "nested", "big_group", "no_groups"):
         for hq, hkv in ((32, 32), (32, 8), (32, 4)):
             jobs.append(("flashinfer", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=9)))
@@ -415,7 +427,10 @@ def write_reports(res, out_dir, dev_tag):
     lines += ["", "## Decode attention time per layer (ms, median, CUDA graph, L2 flushed)", "",
               "relay_triton: Triton prefix + Triton suffix + merge. relay_hybrid: FlashInfer batch decode over each "
               "row's suffix + Triton prefix parts merged on top. relay_hybrid_stream (H, the server's default): the "
-              "same with the prefix launch on a side stream, concurrent with the suffix decode. relay_fi: FlashInfer "
+              "same with the prefix launch on a side stream, concurrent with the suffix decode. Prefix slots are "
+              "consecutive (as SGLang allocates a prompt prefilled in one piece), so the Triton prefix launch reads "
+              "them with TMA; relay_hybrid_stream_gather: H with every chunk gathered (slots not consecutive). "
+              "relay_fi: FlashInfer "
               "prefill per group + FlashInfer decode + merge. Ratios: the other kernel's time over relay's (> 1: relay "
               "faster).",
               "", "| config | floor | " + " | ".join(ks) + " | T % floor | H % floor | T vs cascade | H vs cascade | "
@@ -527,7 +542,7 @@ def main():
         write_reports(res, args.out, dev_tag)
         torch.cuda.empty_cache()
     # A few launch variants of relay-Triton on two configs (for tuning the defaults).
-    variants = {"default": {}, "bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
+    variants = {"default": {}, "gather": dict(prefix_slot_runs=False), "bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
                 "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4),
                 "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,

@@ -5,6 +5,8 @@
 # Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
 #      PYTEST_K (pytest -k expression, default: all GPU kernel tests),
 #      PROFILE (set: per-launch GPU times of a few configs, bench/kernels/profile_launches.py),
+#      PROBE (set: prefix-pass probe, gather vs TMA vs FlashInfer dense, bench/kernels/prefix_probe.py),
+#      SKIP_BENCH (set: no bench/kernels/run.py, only the probes and the tests),
 #      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
 # With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
 # modules it holds are installed as AOT modules and Triton's cache is reused: no nvcc for those.
@@ -32,10 +34,16 @@ if [ -n "${PROFILE:-}" ]; then  # per-launch times (bench/kernels/profile_launch
   python3 bench/kernels/profile_launches.py --out "$OUT" > "$OUT/profile.log" 2>&1
   echo "profile rc=$? at $(( $(date +%s) - T0 ))s"
 fi
+if [ -n "${PROBE:-}" ]; then
+  python3 bench/kernels/prefix_probe.py --out "$OUT" > "$OUT/probe.log" 2>&1
+  echo "probe rc=$? at $(( $(date +%s) - T0 ))s"
+fi
 eval "set -- ${RUN_ARGS:-}"
-python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" "$@" \
-  > "$OUT/kernels.log" 2>&1
-echo "bench rc=$? at $(( $(date +%s) - T0 ))s"
+if [ -z "${SKIP_BENCH:-}" ]; then
+  python3 bench/kernels/run.py --out "$OUT" --budget-s "${BUDGET:-330}" --correctness-s "${CORR:-150}" "$@" \
+    > "$OUT/kernels.log" 2>&1
+  echo "bench rc=$? at $(( $(date +%s) - T0 ))s"
+fi
 LEFT=$(( 560 - ($(date +%s) - T0) ))
 if [ "$LEFT" -gt 30 ]; then
   timeout "$LEFT" python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} \
