@@ -80,8 +80,9 @@ class TritonRelayDecode:
             (``launch_segment_attention(slot_runs=True)``). ``None`` (default): on where the pools
             allow it (:func:`slot_runs_supported`: Hopper+, contiguous pools, power-of-two
             head_dim). A radix-cache prefix prefilled in one piece sits in consecutive slots
-            (SGLang's allocator hands out sorted free slots); on the H100 here the run loop took
-            the GQA-4 8K x 128 prefix pass from 69.6 to 44.5 us, MHA 16K from 147 to 122 us
+            (SGLang's allocator hands out its never-used slots in order, and freed ones sorted with
+            ``RELAY_RADIX_SORT_FREE_SLOTS``); on the H100 here the run loop took
+            the GQA-4 8K x 128 prefix pass from 70.8 to 47.2 us, MHA 16K from 148 to 131 us
             (``bench/results/prefix-probe-h100.md``). Items that are not one run are gathered.
     """
 

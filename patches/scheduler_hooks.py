@@ -71,6 +71,13 @@ def after_scheduler_init(result, self, *args, **kwargs):
             "or pass --radix-cache-backend relay")
     backend.attach(manager)
     self._relay_backend = backend
+    if manager.config.sort_free_slots:
+        from relay_radix.kv_slots import keep_free_slots_sorted
+
+        allocator = getattr(self, "token_to_kv_pool_allocator", None)
+        if allocator is not None and keep_free_slots_sorted(allocator):
+            logger.info("relay-radix: KV free slots kept sorted (consecutive prefix slots -> TMA prefix loads; "
+                        "RELAY_RADIX_SORT_FREE_SLOTS=0 to turn off)")
     from relay_radix.metrics import DECODE_LOG_LOGGER, DecodeLogFilter, make_prometheus
 
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(

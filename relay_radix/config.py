@@ -18,6 +18,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
 | ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2`` and the others measured by ``bench/kernels/run.py --variants`` were slower on the serving shapes; ``bench/results/kernels-h100-s6-variants.md``) |
 | ``RELAY_RADIX_SLOT_RUNS`` | 1 | Triton prefix launch: a chunk of a shared prefix whose KV slots are one consecutive run (a prompt prefilled in one piece from SGLang's sorted free list) is read by TMA instead of per-row gathers (Hopper and newer; other chunks are gathered); 0 gathers every chunk |
+| ``RELAY_RADIX_SORT_FREE_SLOTS`` | 1 | SGLang's token allocator re-sorts its free slots when its free list runs short (its own ``need_sort``), so prompts prefilled after the pool's first pass still get consecutive slots (``relay_radix.kv_slots.keep_free_slots_sorted``); 0 leaves the allocator as SGLang made it |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
@@ -55,6 +56,7 @@ class RelayConfig:
     plan_reuse: bool = True
     prefix_stream: bool = True
     slot_runs: bool = True
+    sort_free_slots: bool = True
     prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
 
     def __post_init__(self):
@@ -121,5 +123,6 @@ class RelayConfig:
             plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 1) != 0,
             prefix_stream=_env_int("RELAY_RADIX_PREFIX_STREAM", 1) != 0,
             slot_runs=_env_int("RELAY_RADIX_SLOT_RUNS", 1) != 0,
+            sort_free_slots=_env_int("RELAY_RADIX_SORT_FREE_SLOTS", 1) != 0,
             prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
         )

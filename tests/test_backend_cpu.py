@@ -287,3 +287,28 @@ def test_slot_break_counter_counts_breaks_inside_groups_only():
     assert c.poll() == 0
     c.count(torch.empty(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64))
     assert c.poll() == 0
+
+
+def test_sorted_free_slots_give_a_late_prompt_consecutive_slots():
+    """SGLang's own token allocator: once its untouched range is spent, a new prompt gets the
+    slots freed last, in free order (scattered); with ``keep_free_slots_sorted`` (SGLang's
+    ``need_sort``) it gets the lowest free slots in order, so its prefix is one run again."""
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from relay_radix.kv_slots import SlotBreakCounter, keep_free_slots_sorted
+
+    breaks = {}
+    for sort in (False, True):
+        alloc = TokenToKVPoolAllocator(size=64, dtype=torch.float16, device="cpu", kvcache=None, need_sort=False)
+        if sort:
+            assert keep_free_slots_sorted(alloc)
+        used = alloc.alloc(64)  # the never-used range is spent
+        # Decode tokens of two requests were interleaved; they finish one after the other.
+        alloc.free(used[1::2])
+        alloc.free(used[0::2])
+        prompt = alloc.alloc(24)
+        assert prompt is not None and prompt.unique().numel() == 24
+        c = SlotBreakCounter()
+        c.count(prompt.to(torch.int32), torch.tensor([24]))
+        breaks[sort] = c.poll()
+    assert breaks == {False: 23, True: 0}, breaks
