@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .triton_merge import launch_merge_parts
-from .triton_segment import launch_segment_attention, slot_runs_supported
+from .triton_segment import launch_segment_attention
 from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, run_one_shot
 
 __all__ = ["TritonRelayDecode", "relay_decode_triton"]
@@ -77,9 +77,9 @@ class TritonRelayDecode:
             decode that ``run(suffix_state=...)`` issues (CUDA only; ignored on the CPU).
         k_row_major: K tile load variant of the segment kernel (``launch_segment_attention``).
         prefix_slot_runs: prefix work items whose slots are one consecutive run load K/V by TMA
-            (``launch_segment_attention(slot_runs=True)``). ``None`` (default): on where the pools
-            allow it (:func:`slot_runs_supported`: Hopper+, contiguous pools, power-of-two
-            head_dim). A radix-cache prefix prefilled in one piece sits in consecutive slots
+            (``launch_segment_attention(slot_runs=...)``). ``None`` (default): on where the pools
+            allow it (``slot_runs_supported``: Hopper+, contiguous pools, power-of-two head_dim).
+            A radix-cache prefix prefilled in one piece sits in consecutive slots
             (SGLang's allocator hands out its never-used slots in order, and freed ones sorted with
             ``RELAY_RADIX_SORT_FREE_SLOTS``); on the H100 here the run loop took
             the GQA-4 8K x 128 prefix pass from 70.8 to 47.2 us, MHA 16K from 148 to 131 us
@@ -307,18 +307,12 @@ class TritonRelayDecode:
         common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
                       sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n, k_row_major=self.k_row_major)
 
-        slot_runs = self.prefix_slot_runs
-        if slot_runs is None:
-            slot_runs = slot_runs_supported(k_buffer, v_buffer) and self.device.type == "cuda"
-        elif slot_runs:
-            assert slot_runs_supported(k_buffer, v_buffer), "prefix_slot_runs=True: see slot_runs_supported()"
-
         def launch_prefix():
             launch_segment_attention(
                 kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
                 work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
                 block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"],
-                num_stages=cfg["num_stages_prefix"], slot_runs=slot_runs, **common,
+                num_stages=cfg["num_stages_prefix"], slot_runs=self.prefix_slot_runs, **common,
             )
 
         if self.external_suffix:

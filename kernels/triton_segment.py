@@ -218,6 +218,9 @@ def _segment_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base-2 units
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # The gather call is written under both branches on purpose: Triton compiles both sides of
+        # a run-time ``if``, so the TMA loop (and its descriptors) may only appear under the
+        # compile-time SLOT_RUNS, and gather-only builds stay as they were.
         if SLOT_RUNS:
             # The check reads the item's slot ids once (4 bytes per key against 2 * head_dim * 2
             # bytes of KV); a radix-cache prefix allocated in one piece is one run.
@@ -269,7 +272,7 @@ def launch_segment_attention(
     num_warps: int,
     num_stages: int,
     k_row_major: bool = False,
-    slot_runs: bool = False,
+    slot_runs: bool | None = False,
 ) -> None:
     """Launch the segment kernel over a fixed persistent grid ``[num_kv_heads, num_programs]``.
 
@@ -283,7 +286,8 @@ def launch_segment_attention(
     slot_runs: a work item whose slot ids are one consecutive run (``kv_indices[kv_start + n] ==
     kv_indices[kv_start] + n``, checked in the kernel per item) loads its K/V tiles by TMA
     instead of per-row gathers; other items take the gather loop. Needs contiguous pools, a
-    power-of-two head_dim and a GPU with TMA (Hopper+): :func:`slot_runs_supported`.
+    power-of-two head_dim and a GPU with TMA (Hopper+): :func:`slot_runs_supported`. ``None``:
+    on when the pools are on a GPU that supports it, off otherwise (the one place this is decided).
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -294,8 +298,11 @@ def launch_segment_attention(
     if head_dim > 128:
         # K/V tiles of 64 x 256 x 3 stages would not fit in shared memory (228 KB on H100).
         block_n, num_stages = min(block_n, 32), min(num_stages, 2)
+    if slot_runs is None:
+        slot_runs = k_buffer.is_cuda and slot_runs_supported(k_buffer, v_buffer)
+    elif slot_runs:
+        assert slot_runs_supported(k_buffer, v_buffer), "slot_runs=True: see slot_runs_supported()"
     if slot_runs:
-        assert slot_runs_supported(k_buffer, v_buffer), "slot_runs: see slot_runs_supported()"
         _ensure_descriptor_allocator()
     grid = (num_kv_heads, max(1, num_programs))
     _segment_attention_kernel[grid](

@@ -67,6 +67,9 @@ class SlotBreakCounter:
         """Start counting the breaks of ``prefix_idx`` (``[sum(prefix_lens_cpu)]`` int32, groups
         concatenated)."""
         self.poll()
+        on_cuda = prefix_idx.device.type == "cuda"
+        if on_cuda and self._event is not None:  # the previous count has not landed: keep the older value
+            return
         n = int(prefix_idx.numel())
         if n < 2:
             self.last = 0
@@ -77,13 +80,11 @@ class SlotBreakCounter:
         if ends.numel():
             brk[ends.to(prefix_idx.device, non_blocking=True)] = False
         total = brk.sum()
-        if prefix_idx.device.type != "cuda":
+        if not on_cuda:
             self.last = int(total)
             return
         if self._host is None:
             self._host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
-        if self._event is not None:  # the previous count has not landed: keep the older value
-            return
         self._host.copy_(total.reshape(1), non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()

@@ -3,9 +3,8 @@
 * Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
   ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), host H ms/step (hook A,
   metadata B, plan reuse P%), prefix slot breaks S, plan digest D`` to every ``Decode batch ...``
-  line (SGLang
-  builds that line inside ``report_decode_stats``; the filter extends it without touching
-  SGLang's code). Host figures are means over the decode steps since the previous line. D is
+  line (SGLang builds that line inside ``report_decode_stats``; the filter extends it without
+  touching SGLang's code). Host figures are means over the decode steps since the previous line. D is
   the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
   read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``).
