@@ -690,3 +690,29 @@ def test_server_log_profile_of_a_burst():
     assert (s["relay_host_ms"], s["relay_plan_reuse_pct"]) == (0.3, 88)  # medians of (0.2, 0.4) and (100, 75)
     w = server_log.profile_window(text, server_log._epoch("2026-11-23 20:06:38"), server_log._epoch("2026-11-23 20:06:39"))
     assert w["admitted"] == 0 and w["peak_running"] == 128  # +-1 s: lines of 20:06:37..40
+
+
+def test_decode_timeline_splits_ramp_from_steady_decode():
+    """Two requests decode at 10 ms per token; the second's prefill (its first token at 300 ms)
+    stalls the first one's decode by 100 ms. The first request's TPOT carries the stall, the
+    steady step (the median gap after the ramp) does not."""
+    from decode_timeline import decode_timeline
+
+    def itls(first_ms, n, stall_at_ms=None, stall_ms=0.0):
+        now, out = first_ms, []
+        for _ in range(n):
+            gap = 10.0 + (stall_ms if stall_at_ms is not None and now < stall_at_ms <= now + 10.0 else 0.0)
+            now += gap
+            out.append(gap / 1e3)
+        return out
+
+    a = itls(100.0, 40, stall_at_ms=200.0, stall_ms=100.0)  # stalled once, at 200 ms
+    b = itls(300.0, 40)
+    r = decode_timeline([0.1, 0.3], [a, b], bin_ms=50.0)
+    assert r["ramp_ms"] == [100.0, 300.0] and r["requests"] == 2
+    assert r["steady_step_ms"] == pytest.approx(10.0)
+    assert sorted([sum(a) * 1e3 / 40, sum(b) * 1e3 / 40]) == pytest.approx([10.0, 12.5])
+    assert r["median_tpot_ms"] == pytest.approx(11.25)  # median of 12.5 and 10
+    # a ran 10 ms steps then the 110 ms gap up to 220 ms, then 8 more steps to 300 ms: 10 tokens in the ramp.
+    assert r["median_in_ramp_tokens"] == pytest.approx((10 + 0) / 2)
+    assert sum(r["tokens_per_bin"]) == 80

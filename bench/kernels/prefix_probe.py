@@ -44,7 +44,7 @@ def bench_us(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def probe_shape(hq: int, hkv: int, prefix: int, members: int, d: int = 128) -> dict:
+def probe_shape(hq: int, hkv: int, prefix: int, members: int, d: int = 128, flashinfer_rows: bool = True) -> dict:
     dev, dt = "cuda", torch.bfloat16
     num_slots = prefix + 4096
     k = torch.randn(num_slots, hkv, d, dtype=dt, device=dev)
@@ -108,6 +108,8 @@ def probe_shape(hq: int, hkv: int, prefix: int, members: int, d: int = 128) -> d
             out["rows"][name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
             print(f"  {name}: {out['rows'][name]['error']}", flush=True)
 
+    if not flashinfer_rows:
+        return out
     try:
         import flashinfer
         kc, vc = k[first:first + prefix], v[first:first + prefix]  # contiguous [prefix, hkv, d]
@@ -131,13 +133,14 @@ def probe_shape(hq: int, hkv: int, prefix: int, members: int, d: int = 128) -> d
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
+    ap.add_argument("--no-flashinfer", action="store_true", help="Triton launches only (no FlashInfer JIT)")
     args = ap.parse_args()
     import triton
     res = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                versions=dict(torch=torch.__version__, triton=triton.__version__), shapes={})
     for name, shape in SHAPES.items():
         print(name, flush=True)
-        res["shapes"][name] = probe_shape(*shape)
+        res["shapes"][name] = probe_shape(*shape, flashinfer_rows=not args.no_flashinfer)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefix-probe.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -5,7 +5,8 @@
 # Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
 #      PYTEST_K (pytest -k expression, default: all GPU kernel tests),
 #      PROFILE (set: per-launch GPU times of a few configs, bench/kernels/profile_launches.py),
-#      PROBE (set: prefix-pass probe, gather vs TMA vs FlashInfer dense, bench/kernels/prefix_probe.py),
+#      PROBE (set: prefix-pass probe, gather vs TMA vs FlashInfer dense, bench/kernels/prefix_probe.py;
+#             PROBE_ARGS=--no-flashinfer for the Triton launches only),
 #      SKIP_BENCH (set: no bench/kernels/run.py, only the probes and the tests),
 #      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
 # With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
@@ -35,7 +36,7 @@ if [ -n "${PROFILE:-}" ]; then  # per-launch times (bench/kernels/profile_launch
   echo "profile rc=$? at $(( $(date +%s) - T0 ))s"
 fi
 if [ -n "${PROBE:-}" ]; then
-  python3 bench/kernels/prefix_probe.py --out "$OUT" > "$OUT/probe.log" 2>&1
+  python3 bench/kernels/prefix_probe.py --out "$OUT" ${PROBE_ARGS:-} > "$OUT/probe.log" 2>&1
   echo "probe rc=$? at $(( $(date +%s) - T0 ))s"
 fi
 eval "set -- ${RUN_ARGS:-}"

@@ -645,6 +645,11 @@ class Driver:
             return run
         records = [json.loads(l) for l in out_file.read_text().splitlines() if l.strip()] if out_file.exists() else []
         if records:
+            if records[-1].get("itls") and w.kind in ("gsp", "rnd", "nested"):
+                from decode_timeline import decode_timeline
+
+                # Prefill ramp against full-batch decode, before the per-token latencies are dropped.
+                run["timeline"] = decode_timeline(records[-1].get("ttfts") or [], records[-1]["itls"])
             _drop_bulky_details(out_file, records)
         if rc != 0 or not records:
             self.fail(f"{tag}: rc={rc}, {len(records)} result records (log tail below)")

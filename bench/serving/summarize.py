@@ -239,6 +239,36 @@ def probe_rows(calls: list[dict], model: str) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
 
 
+def timeline_rows(calls: list[dict], model: str) -> list[str]:
+    """Runs with a ``timeline`` (``decode_timeline.py``): a burst's median TPOT next to the decode
+    step at full batch; the difference is what the burst's prefill ramp (and the ramp's smaller
+    batches) adds per token."""
+    rows = []
+    for c in calls:
+        if c.get("model") != model:
+            continue
+        for r in c.get("runs", []):
+            t = r.get("timeline")
+            if not t:
+                continue
+            step = _step(r)
+            tpot = t.get("median_tpot_ms")
+            rows.append("| " + " | ".join([
+                r["workload"], r["system"], _f(tpot, "{:.2f}"), _f(t.get("steady_step_ms"), "{:.2f}"),
+                _f(step, "{:.2f}"),
+                _f(tpot - step if tpot and step else None, "{:.2f}"),
+                f"{t['ramp_ms'][0]:.0f}-{t['ramp_ms'][1]:.0f}", record_name(c.get("source"))]) + " |")
+    if not rows:
+        return []
+    return ["Median TPOT against the decode step (`decode_timeline.py`, from the client's per-token "
+            "latencies): the client's median gap between tokens after the last request's first token, "
+            "and the server's full-batch step. TPOT - step is what the burst's prefill ramp adds per "
+            "token: prefill batches of later arrivals stall the requests already decoding.", "",
+            "| workload | system | median TPOT ms | median token gap ms | full-batch step ms | "
+            "TPOT - step ms | first tokens (ms after the burst) | record |",
+            "|---|---|---|---|---|---|---|---|"] + rows + [""]
+
+
 def markdown(calls: list[dict]) -> str:
     table = index(calls)
     own_calls = {(record_name(c.get("source")), k[0], k[1]): runs for c in calls
@@ -341,6 +371,7 @@ def markdown(calls: list[dict]) -> str:
             merged = merge_rate_searches([s for s, _ in searches])
             out += ["", f"All points of these calls together (same SLO): {rate_ratio_bound(merged) or 'no ratio'}"]
             out.append("")
+        out += timeline_rows(calls, model)
         util = [(c, r) for c in calls if c.get("model") == model for r in c.get("runs", []) if r.get("gpu_util")]
         if util:
             out += ["GPU kernel-busy share (`--gpu-util`: nvidia-smi every 100 ms over the run's window; busy = "
