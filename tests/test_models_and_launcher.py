@@ -529,6 +529,9 @@ def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
         if run["workload"] != "frontend8k":  # sglang.benchmark.serving --output-details: every request's TTFT
             assert len(run["result"]["ttfts_ms"]) == run["result"]["completed"]
             assert all(t > 0 for t in run["result"]["ttfts_ms"])
+        if run["workload"] == "nested_c128":  # the decode timeline, from the per-token latencies
+            t = run["timeline"]
+            assert t["requests"] == 128 and t["median_tpot_ms"] > 0 and sum(t["tokens_per_bin"]) > 0
     kept = [json.loads(l) for l in (run_serving.WORK / "relay-nested_c128.jsonl").read_text().splitlines()]
     assert kept and "ttfts" in kept[-1] and "generated_texts" not in kept[-1] and "itls" not in kept[-1]
     assert res["rate_search"]["relay"]["sustainable_rate"] == 64.0
@@ -542,6 +545,7 @@ def test_driver_end_to_end_with_fake_server(fake_driver, tmp_path):
     assert warm == [{"n": 8, "max_new_tokens": 16}, {"n": 1, "max_new_tokens": 1}, {"n": 8, "max_new_tokens": 32}]
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| nested_c128 |" in md and "| frontend8k |" in md
+    assert "Median TPOT against the decode step" in md
     assert len(list((tmp_path / "out").iterdir())) <= 8  # what the device sends back
 
 
