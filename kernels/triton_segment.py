@@ -25,9 +25,6 @@ import triton.language as tl
 
 __all__ = ["launch_segment_attention", "slot_runs_supported"]
 
-_LOG2E = 1.4426950408889634  # 1 / ln(2)
-_LN2 = 0.6931471805599453
-
 
 @triton.jit
 def _tanh(x):
@@ -53,7 +50,7 @@ def _softmax_tile(q, k_t, m_i, l_i, mask_n, sm_scale, logit_cap,
         # One multiply per score: scale and base change folded (on the H100 here the prefix pass
         # went 79 -> 70 us on MHA 8K x 128, 145 -> 125 us on MHA 16K, 47 -> 46 us on GQA-4 8K;
         # bench/results/raw/prefix-probe-h100-s8-qkahead.json against prefix-probe-h100.md).
-        s = s * (sm_scale * 1.4426950408889634)
+        s = s * (sm_scale * 1.4426950408889634)  # 1.44... = 1 / ln(2)
     s = tl.where(mask_n[None, :], s, float("-inf"))  # base 2
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
