@@ -123,7 +123,8 @@ def launch_merge_parts(
     in place; rows with no part keep ``o`` untouched (only their LSE is converted to ``lse_out``).
     """
     num_q_heads, head_dim = o.shape[1], o.shape[2]
-    assert o.stride(2) == 1 and part_o.stride(2) == 1
+    assert o.stride(2) == 1 and part_o.stride(2) == 1 and part_lse.stride(1) == 1 and lse_out.stride(1) == 1
+    assert base_lse2 is None or base_lse2.stride(1) == 1
     block_h = _block_h(num_q_heads, head_dim)
     grid = (max(1, grid_rows), triton.cdiv(num_q_heads, block_h))
     has_base = base_lse2 is not None
@@ -209,6 +210,8 @@ def launch_merge_fi_states(
     """Merge FlashInfer suffix and prefix states (base-2 LSEs) into ``o`` ``[bs, num_q_heads, head_dim]``
     and ``lse_out`` ``[bs, num_q_heads]`` (natural log). Grid: ``o.shape[0]`` rows (fixed per graph)."""
     bs, num_q_heads, head_dim = o.shape
+    # The kernel indexes heads' last dims with stride 1.
+    assert all(t.stride(-1) == 1 for t in (suffix_o, suffix_lse2, prefix_o, prefix_lse2, o, lse_out))
     block_h = _block_h(num_q_heads, head_dim)
     grid = (max(1, bs), triton.cdiv(num_q_heads, block_h))
     _merge_fi_states_kernel[grid](

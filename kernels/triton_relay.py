@@ -67,7 +67,7 @@ class TritonRelayDecode:
             takes no suffix slot list and ``run`` needs ``base_lse2``.
         prefix_block_m: stacked query rows per prefix program (16/32/64/128); default 64.
         num_sms: programs are sized from it (default: the device's SM count).
-        programs_per_sm: persistent programs per SM of each launch (over all KV heads).
+        programs_per_sm: persistent programs per SM of the prefix launch (over all KV heads).
         suffix_programs_per_sm: the suffix launch's own count. Default 16: suffix items are
             short, so a program's items form a chain of dependent loads; on the H100 here 16
             against 2 cut relay-Triton from 0.295 to 0.279 ms (MHA 4K x 128) and 0.079 to
@@ -152,7 +152,7 @@ class TritonRelayDecode:
         self.suffix_programs = min(self.max_suffix_work, s_per_head)
 
         # One packed int32 table (one H2D copy per plan): views at fixed offsets.
-        sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
+        sizes = dict(counts=3, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
                      member_rows=max(1, max_members), prefix_work=self.max_prefix_work * WORK_FIELDS,
                      suffix_work=self.max_suffix_work * WORK_FIELDS)
         self._offsets, off = {}, 0
@@ -167,7 +167,7 @@ class TritonRelayDecode:
         self._stage = [torch.zeros(off, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._stage_event = [None, None]
         self._stage_idx = 0
-        self.counts = self._view("counts")  # [num_prefix_work, num_suffix_work, bs, num_parts]
+        self.counts = self._view("counts")  # [num_prefix_work, num_suffix_work, bs]
         self.row_part_indptr = self._view("row_part_indptr")
         self.prefix_slot_base = self._view("prefix_slot_base")
         self.member_rows = self._view("member_rows")
@@ -253,7 +253,7 @@ class TritonRelayDecode:
             off, _ = self._offsets[name]
             st[off : off + t.numel()] = t.reshape(-1)
 
-        put("counts", torch.tensor([wp.prefix_work.shape[0], wp.suffix_work.shape[0], bs, wp.num_parts], dtype=torch.int32))
+        put("counts", torch.tensor([wp.prefix_work.shape[0], wp.suffix_work.shape[0], bs], dtype=torch.int32))
         put("row_part_indptr", wp.row_part_indptr)
         put("prefix_slot_base", wp.prefix_slot_base)
         put("member_rows", member_rows_cpu.to(torch.int32))
@@ -302,7 +302,13 @@ class TritonRelayDecode:
         Returns ``o``. ``self.lse[:bs]`` holds the natural-log LSE of each output row.
         """
         assert q.shape[1:] == (self.num_q_heads, self.head_dim) and o.shape[1:] == q.shape[1:]
-        assert k_buffer.shape[1:] == (self.num_kv_heads, self.head_dim)
+        assert k_buffer.shape[1:] == (self.num_kv_heads, self.head_dim) and v_buffer.shape == k_buffer.shape, \
+            f"k/v pools {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)}: want [num_slots, {self.num_kv_heads}, {self.head_dim}] each"
+        assert q.dtype == k_buffer.dtype == v_buffer.dtype == self.dtype, \
+            f"q/k/v dtypes {q.dtype}/{k_buffer.dtype}/{v_buffer.dtype}: this object computes {self.dtype} (no quantized KV)"
+        assert self.last_plan is not None, "run() before plan()"
+        assert min(q.shape[0], o.shape[0]) >= self.last_plan.bs, \
+            f"q/o have {q.shape[0]}/{o.shape[0]} rows, the plan {self.last_plan.bs}"
         cfg = self.launch_cfg
         common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
                       sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n, k_row_major=self.k_row_major)

@@ -211,7 +211,7 @@ def _segment_attention_kernel(
         member_count = tl.load(wp + 3)
         chunk = tl.load(wp + 4)
 
-        # Padded rows (beyond the tile's members) read row 0's query (finite) and store nothing.
+        # Padded rows (beyond the tile's members) load q = 0 (finite scores) and store nothing.
         mask_m = member_local < member_count
         row = tl.load(Rows + member_start + member_local, mask=mask_m, other=0).to(tl.int64)
         # int64: row * stride_q_bs can exceed 2**31 for large batches x heads x head_dim.
@@ -296,6 +296,9 @@ def launch_segment_attention(
     num_kv_heads = k_buffer.shape[1]
     assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
     assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1
+    assert part_o.stride(2) == 1 and part_lse.stride(1) == 1
+    assert v_buffer.shape == k_buffer.shape and k_buffer.shape[2] == head_dim, \
+        f"k/v pools {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} vs q head_dim {head_dim}"
     assert work.shape[1] == 5 and work.is_contiguous()
     gqa = num_q_heads // num_kv_heads
     if head_dim > 128:

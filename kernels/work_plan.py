@@ -39,7 +39,6 @@ class RelayWorkPlan:
 
     bs: int
     prefix_chunk: int  # KV tokens per prefix work item
-    suffix_chunk: int  # KV tokens per suffix work item
     num_parts: int  # part slots used (row_part_indptr[-1])
     row_part_indptr: torch.Tensor  # [bs+1] part slots of row r: [indptr[r], indptr[r+1])
     prefix_slot_base: torch.Tensor  # [total_members] first part slot of membership p
@@ -190,7 +189,6 @@ def build_work_plan(
     return RelayWorkPlan(
         bs=bs,
         prefix_chunk=chunk_p,
-        suffix_chunk=chunk_s,
         num_parts=num_parts,
         row_part_indptr=torch.from_numpy(row_part_indptr.astype(np.int32)),
         prefix_slot_base=torch.from_numpy(prefix_slot_base.astype(np.int32)),

@@ -1,19 +1,21 @@
 """Scheduler-side hooks: the decode relay plan is built where the radix tree lives.
 
-Each TP rank runs its own scheduler over its own replicated tree (map section 8), so every
+Each TP rank runs its own scheduler over its own replicated tree (SGLang 0.5.16 spawns one
+scheduler per rank, ``entrypoints/engine.py:598-660``, and broadcasts only requests), so every
 rank builds the same plan from the same state; no GPU->CPU copy is involved.
 
 Hooks (``sglang.srt.plugins.HookRegistry``):
   * AFTER ``ServerArgs.__post_init__``: a ``relay`` launch gets ``--radix-cache-backend relay``
     and is checked for unsupported settings before any process is spawned.
   * AFTER ``Scheduler.__init__``: the tree exists only now, after the backend was built and
-    the decode graphs captured (map section 11.6): link the tree's group manager to the
+    the decode graphs captured (``scheduler.py:431-466``): link the tree's group manager to the
     backend, install the decode-log filter and the Prometheus metrics.
   * BEFORE ``Scheduler.run_batch``: build the plan for exactly the batch being launched.
     Under the overlap scheduler this is launch time for batch i (its requests' tree state
     includes this iteration's admissions; requests prefilled in batch i-1 are still
     counted under their admission-time ``last_node`` because their ``cache_unfinished_req``
-    runs after this launch: map 11.4, and the plan only shares KV they already share).
+    runs after this launch, in the result processing of batch i-1; the plan only shares KV
+    they already share).
 """
 
 from __future__ import annotations
@@ -78,19 +80,25 @@ def after_scheduler_init(result, self, *args, **kwargs):
         if allocator is not None and keep_free_slots_sorted(allocator):
             logger.info("relay-radix: KV free slots kept sorted (consecutive prefix slots -> TMA prefix loads; "
                         "RELAY_RADIX_SORT_FREE_SLOTS=0 to turn off)")
+        else:
+            logger.warning(
+                "relay-radix: the KV allocator (%s) has no sorted-free-list switch; prefixes prefilled after "
+                "the pool's first pass may get scattered slots, which the prefix kernel gathers instead of "
+                "reading by TMA (the decode log line's 'prefix slot breaks' shows how many)",
+                type(allocator).__name__)
     from relay_radix.metrics import DECODE_LOG_LOGGER, DecodeLogFilter, make_prometheus
 
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
         lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None),
-        host=backend.host, slot_breaks=backend.slot_breaks))
+        host=backend.host, slot_breaks=backend.slot_breaks, unplanned_source=lambda: backend.plans_without_scheduler))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
 
 
 def _record_plan_fingerprint(scheduler, plan) -> None:
-    """Per-rank plan trace: every TP rank builds its plan from its own replicated tree (map
-    section 8), so the ranks' fingerprints must agree step by step. Logs each one at DEBUG and
+    """Per-rank plan trace: every TP rank builds its plan from its own replicated tree (see
+    the module docstring), so the ranks' fingerprints must agree step by step. Logs each one at DEBUG and
     folds it into a rolling digest (``_relay_plan_digest``, shown in the decode log line as
     ``plan digest <8 hex>``) so two ranks' logs can be compared line by line. Cheap: the
     fingerprint hashes a few small int32 arrays."""
@@ -119,11 +127,12 @@ def before_run_batch(self, batch, *args, **kwargs):
         plan = build_decode_plan(backend.manager, batch.reqs, pool, batch.seq_lens_cpu)
         _record_plan_fingerprint(self, plan)
         backend.set_next_plan(plan)
-        backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers)
+        backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers,
+                                                  groups_over_cap=backend.manager.groups_over_cap)
         backend.host.add_hook(time.perf_counter() - t0)
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:
-            prom.observe(stats, backend.host, backend.slot_breaks.poll())
+            prom.observe(stats, backend.host, backend.slot_breaks.poll(), backend.plans_without_scheduler)
     else:
         backend.set_next_plan(None)
     return None

@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Groups and memberships one CUDA-graph step can hold (static buffer capacities).
-MAX_GROUPS = 64
-
-
 class RelayAttnBackend(AttentionBackend):
     """Relay decode over a wrapped base backend for everything else."""
 
@@ -86,7 +82,7 @@ class RelayAttnBackend(AttentionBackend):
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, manager: "RelayGroupManager") -> None:
         """Link the scheduler's relay-group manager (the tree exists only after backend
-        creation and graph capture: map section 11.6)."""
+        creation and graph capture: SGLang 0.5.16 ``scheduler.py:431-466``)."""
         self.manager = manager
         manager.dims = self.dims
 
@@ -99,8 +95,8 @@ class RelayAttnBackend(AttentionBackend):
         rows when ``graph``; ``shared``: the FlashInfer object whose buffers it uses)."""
         max_members = max_bs * self.config.max_levels
         caps = dict(
-            max_bs=max_bs, max_groups=MAX_GROUPS, max_members=max_members,
-            max_prefix_tokens=MAX_GROUPS * self.max_context_len,
+            max_bs=max_bs, max_groups=self.config.max_groups, max_members=max_members,
+            max_prefix_tokens=self.config.max_groups * self.max_context_len,
             max_suffix_tokens=max_bs * self.max_context_len,
         )
         d = self.dims
@@ -186,9 +182,11 @@ class RelayAttnBackend(AttentionBackend):
         if plan.batch_size != raw_bs or not torch.equal(
             plan.seq_lens, seq_lens_cpu[:raw_bs].to(torch.int32)
         ):
+            what = (f"bs {plan.batch_size} vs {raw_bs}" if plan.batch_size != raw_bs
+                    else "same bs, different seq_lens")
             raise RuntimeError(
-                f"relay-radix: the decode plan (bs={plan.batch_size}) does not match the batch being "
-                f"run (bs={raw_bs}); the plan must be built for the batch Scheduler.run_batch launches")
+                f"relay-radix: the decode plan does not match the batch being run ({what}); the plan "
+                "must be built for the batch Scheduler.run_batch launches (a bug: please report it)")
         return plan
 
     def init_forward_metadata_out_graph(self, fb, in_capture: bool = False):
@@ -216,8 +214,9 @@ class RelayAttnBackend(AttentionBackend):
         seq_lens = _seq_lens_cpu(fb)[:bs].to(torch.int64)
         suffix_start = torch.cat([plan.suffix_start.to(torch.int64), torch.zeros(pad, dtype=torch.int64)])
         suffix_lens = seq_lens - suffix_start
-        if plan.num_groups > MAX_GROUPS:
-            raise RuntimeError(f"relay-radix: {plan.num_groups} groups exceed MAX_GROUPS={MAX_GROUPS}")
+        if plan.num_groups > self.config.max_groups:  # the group manager caps them: a bug if reached
+            raise RuntimeError(f"relay-radix: the plan has {plan.num_groups} groups, more than the kernels' "
+                               f"static capacity RELAY_RADIX_MAX_GROUPS={self.config.max_groups}")
         prefix_lens = plan.prefix_lens.to(torch.int64)
         kernel = self._kernel = self._kernel_for(bs, graph=graph, in_capture=in_capture)
         key = None

@@ -11,6 +11,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_DEMOTE_GROUP_SIZE`` | max(2, min/2) | a promoted group is demoted below this (hysteresis) |
 | ``RELAY_RADIX_MIN_PREFIX_TOKENS`` | 256 | shortest shared segment worth a group |
 | ``RELAY_RADIX_MAX_LEVELS`` | 4 | deepest nesting of groups (level 0 = outermost) |
+| ``RELAY_RADIX_MAX_GROUPS`` | 64 | most groups at once (the decode kernels' static buffers hold this many); past it the groups saving the most prefix reads are kept, with a warning |
 | ``RELAY_RADIX_KERNEL`` | triton | decode kernels: ``triton`` or ``flashinfer`` |
 | ``RELAY_RADIX_SUFFIX`` | flashinfer (CUDA with the FlashInfer base) | each request's own suffix: ``flashinfer`` (SGLang's FlashInfer decode wrappers, vanilla's kernel) or ``triton`` (the relay kernel's suffix launch) |
 | ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
@@ -38,7 +39,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
+        raise ValueError(f"{name}={raw!r} is not an integer: set an integer or unset it") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class RelayConfig:
     demote_group_size: int = 2
     min_prefix_tokens: int = 256
     max_levels: int = 4
+    max_groups: int = 64
     kernel: str = "triton"
     base_backend: str | None = None  # None: chosen by device (flashinfer on CUDA)
     gate: bool = True
@@ -74,6 +76,8 @@ class RelayConfig:
             raise ValueError("min_prefix_tokens must be >= 1 (RELAY_RADIX_MIN_PREFIX_TOKENS)")
         if self.max_levels < 1:
             raise ValueError("max_levels must be >= 1 (RELAY_RADIX_MAX_LEVELS)")
+        if self.max_groups < 1:
+            raise ValueError("max_groups must be >= 1 (RELAY_RADIX_MAX_GROUPS)")
         if self.suffix is not None and self.suffix not in SUFFIX_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_SUFFIX={self.suffix!r}: choose one of {', '.join(SUFFIX_CHOICES)}"
@@ -116,6 +120,7 @@ class RelayConfig:
             demote_group_size=_env_int("RELAY_RADIX_DEMOTE_GROUP_SIZE", max(2, min_group // 2)),
             min_prefix_tokens=_env_int("RELAY_RADIX_MIN_PREFIX_TOKENS", 256),
             max_levels=_env_int("RELAY_RADIX_MAX_LEVELS", 4),
+            max_groups=_env_int("RELAY_RADIX_MAX_GROUPS", 64),
             kernel=os.environ.get("RELAY_RADIX_KERNEL", "triton") or "triton",
             base_backend=os.environ.get("RELAY_RADIX_BASE_BACKEND") or None,
             gate=_env_int("RELAY_RADIX_GATE", 1) != 0,

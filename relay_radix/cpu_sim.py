@@ -18,8 +18,6 @@ from array import array
 
 import torch
 
-_SERVER_ARGS = None
-
 
 def tiny_model_dir(num_q_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, num_layers: int = 2) -> str:
     """A local Llama config folder (no weights) that SGLang's ModelConfig can read offline."""
@@ -37,13 +35,14 @@ def tiny_model_dir(num_q_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 
     return d
 
 
-def server_args(model_dir: str, attention_backend: str = "torch_native"):
-    """Global ServerArgs for a CPU process (SGLang reads them through get_server_args())."""
+def server_args(model_dir: str, dtype: torch.dtype = torch.float32):
+    """Global ServerArgs for a CPU process (SGLang reads them through get_server_args()).
+    ``dtype``: the model dtype, which a real server also gives its KV pool (``--kv-cache-dtype auto``)."""
     from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
     sa = ServerArgs(
-        model_path=model_dir, device="cpu", attention_backend=attention_backend,
-        sampling_backend="pytorch", skip_tokenizer_init=True,
+        model_path=model_dir, device="cpu", attention_backend="torch_native",
+        sampling_backend="pytorch", skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."),
     )
     set_global_server_args_for_scheduler(sa)
     return sa
@@ -68,7 +67,7 @@ class MiniScheduler:
         from relay_radix.radix_cache import RelayRadixCache
 
         self.model_dir = tiny_model_dir(num_q_heads, num_kv_heads, head_dim, num_layers)
-        self.server_args = server_args(self.model_dir)
+        self.server_args = server_args(self.model_dir, dtype)
         self.model_config = ModelConfig.from_server_args(self.server_args)
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.num_layers, self.dtype = num_layers, dtype
@@ -88,7 +87,6 @@ class MiniScheduler:
         self._pending_cache: list = []  # overlap: prefilled, cache_unfinished_req not yet run
         self._gen = torch.Generator().manual_seed(seed)
         self._next_rid = 0
-        self.last_batch = None
 
     # ---- requests ----------------------------------------------------------------------
     def new_req(self, token_ids, max_new_tokens: int = 64):
@@ -151,7 +149,6 @@ class MiniScheduler:
         batch = self.running_batch
         batch.prepare_for_decode()
         self._fill_kv(batch.out_cache_loc)
-        self.last_batch = batch
         return batch
 
     def after_decode(self, batch) -> None:
@@ -214,8 +211,9 @@ def cpu_model_runner(sched: MiniScheduler, attn_backend=None):
     """The ModelRunner fields that attention backends and ForwardBatch.init_new read.
 
     A real ModelRunner cannot be built on a CPU machine from PyPI packages (it loads
-    sglang-kernel's CUDA library, map section 10), so this carries SGLang's real pools,
-    ModelConfig and ServerArgs under the attribute names ModelRunner uses.
+    sglang-kernel's CUDA library: "Could not load any common_ops library", libcuda.so.1
+    missing), so this carries SGLang's real pools, ModelConfig and ServerArgs under the
+    attribute names ModelRunner uses.
     """
     import types
 

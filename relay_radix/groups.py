@@ -14,6 +14,8 @@ A node becomes the *head* of a relay group when
   * its *segment* (the tokens after the nearest promoted ancestor's end, up to its own end)
     is at least ``min_prefix_tokens`` long, its nesting level is below ``max_levels``,
   * and the byte gate (``relay_radix.gate``) says relaying it saves HBM traffic.
+At most ``max_groups`` groups exist at once (the decode kernels' static capacity): past
+that, the groups that save the most prefix reads are kept and the warning says so.
 Groups nest: a global system prompt (level 0) and, under it, few-shot blocks shared by
 subsets (level 1) are separate groups whose segments are disjoint.
 
@@ -73,6 +75,7 @@ class RelayGroupManager:
         # structure depends on the groups only through this (relay_radix.plan).
         self.version = 0
         self.last_plan: tuple | None = None  # (structure key, DecodeRelayPlan): build_decode_plan's cache
+        self.groups_over_cap = 0  # qualifying groups left out at the last refresh (max_groups)
 
     # ---- queries -------------------------------------------------------------------------
     def live_count(self, node: "TreeNode") -> int:
@@ -196,6 +199,31 @@ class RelayGroupManager:
         memo: dict = {}
         candidates = [n for n, c in self._count.items() if self._is_head_candidate(n, c)]
         candidates.sort(key=lambda n: (self._depth(n, memo), n.id))  # ancestors first
+        chosen = self._nest(candidates, memo)
+        cap = self.config.max_groups
+        if len(chosen) > cap:
+            # The decode kernels' static buffers hold ``max_groups`` groups. Keep those that
+            # save the most prefix reads ((members - 1) x segment tokens); a kept group whose
+            # ancestor was dropped starts at the nearest kept ancestor instead, so re-nest.
+            # Ties break on the head's creation id, which every TP rank shares.
+            ranked = sorted(chosen.values(), key=lambda g: (-(g.members - 1) * g.tokens, g.head.id))
+            kept = {g.head for g in ranked[:cap]}
+            chosen = self._nest([n for n in candidates if n in kept], memo)
+            # Warn when the cap starts to bite (refresh runs on most steps of a busy server);
+            # the decode log line and /metrics show the count while it lasts.
+            log = logger.warning if self.groups_over_cap == 0 else logger.debug
+            self.groups_over_cap = len(ranked) - len(chosen)
+            log("relay-radix: %d prefixes qualify as relay groups, more than RELAY_RADIX_MAX_GROUPS=%d; "
+                "the %d that save the most prefix reads are kept, the others decode unshared (raise "
+                "RELAY_RADIX_MAX_GROUPS or RELAY_RADIX_MIN_GROUP_SIZE)", len(ranked), cap, len(chosen))
+        else:
+            self.groups_over_cap = 0
+        self._apply(chosen)
+
+    def _nest(self, candidates: list["TreeNode"], memo: dict) -> dict["TreeNode", RelayGroup]:
+        """Groups from head candidates sorted ancestors first: each one's segment starts where
+        its nearest chosen ancestor ends; too deep, too short or (gate) unprofitable segments
+        are skipped."""
         chosen: dict["TreeNode", RelayGroup] = {}
         cfg = self.config
         for node in candidates:
@@ -212,7 +240,7 @@ class RelayGroupManager:
             if cfg.gate and not group_pays_off(count, end - start, self.dims):
                 continue
             chosen[node] = RelayGroup(head=node, level=level, start=start, end=end, members=count)
-        self._apply(chosen)
+        return chosen
 
     def _apply(self, chosen: dict["TreeNode", RelayGroup]) -> None:
         changed = chosen.keys() != self._groups.keys()

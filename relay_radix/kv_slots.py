@@ -7,7 +7,8 @@ value ever comes back to it.
 
 Why outside the CUDA graph: SGLang's overlap loop lets the scheduler write ``req_to_token``
 for the next step as soon as an event recorded just before ``graph.replay()`` fires (the
-write-after-read fast path, map section 11.3). Gathers issued here, in
+write-after-read fast path: SGLang 0.5.16 ``decode_cuda_graph_runner.py:1222-1261``,
+``scheduler.py:1502-1518``). Gathers issued here, in
 ``init_forward_metadata_out_graph``, are ordered before that event; captured kernels then
 read only relay's own static buffers, never ``req_to_token``.
 """

@@ -103,8 +103,11 @@ def build_argv(argv: list[str], resolve=None) -> tuple[list[str], dict[str, str]
         var, choices = RELAY_FLAGS[flag]
         if choices is not None and value not in choices:
             raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-        if flag in _INT_FLAGS and not value.lstrip("-").isdigit():
-            raise ValueError(f"{flag} {value!r} is not an integer")
+        if flag in _INT_FLAGS:
+            try:
+                int(value)
+            except ValueError:
+                raise ValueError(f"{flag} {value!r} is not an integer") from None
         env[var] = value
 
     # Built-in model names -> materialized folders (in place, keeping the flag's spelling).

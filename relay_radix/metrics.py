@@ -7,10 +7,14 @@
   touching SGLang's code). Host figures are means over the decode steps since the previous line. D is
   the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
-  read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``).
+  read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``). Two figures appear only when not
+  zero, because each means relay is partly off: ``groups G (+N over RELAY_RADIX_MAX_GROUPS)``
+  (qualifying groups left out) and ``decode steps without a relay plan N`` (steps that reached
+  the backend with no scheduler plan ran with no groups).
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
-  made in a scheduler process (map section 9); these gauges and counters are made on the
-  first decode step of a process whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
+  made in a scheduler process (``--enable-metrics`` makes SGLang's ``entrypoints/engine.py:1296``
+  set ``PROMETHEUS_MULTIPROC_DIR``, which the spawned schedulers inherit); these gauges and counters are made at scheduler init (``make_prometheus``) in a process
+  whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ def format_stats(s: PlanStats | None) -> str:
     if s is None:
         return "relay: no decode plan yet"
     saved = 1 - s.kv_bytes_relay / s.kv_bytes_vanilla if s.kv_bytes_vanilla else 0.0
-    return (f"relay: groups {s.groups}, members {s.members}, shared {s.shared_tokens} tok, "
+    over = f" (+{s.groups_over_cap} over RELAY_RADIX_MAX_GROUPS)" if s.groups_over_cap else ""
+    return (f"relay: groups {s.groups}{over}, members {s.members}, shared {s.shared_tokens} tok, "
             f"KV read {s.kv_bytes_relay / 1e9:.3f}/{s.kv_bytes_vanilla / 1e9:.3f} GB (-{100 * saved:.0f}%)")
 
 
@@ -52,12 +57,13 @@ class DecodeLogFilter(logging.Filter):
     per step since the previous line; given ``digest_source``, the rolling plan digest) to
     SGLang's ``Decode batch`` log line."""
 
-    def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None):
+    def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None, unplanned_source=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
         self.digest_source = digest_source  # callable -> bytes | None
         self.host = host
         self.slot_breaks = slot_breaks  # SlotBreakCounter | None
+        self.unplanned_source = unplanned_source  # callable -> decode steps run without a plan so far
         self._host_mark = [0.0, 0.0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -68,6 +74,8 @@ class DecodeLogFilter(logging.Filter):
             if self.slot_breaks is not None:
                 b = self.slot_breaks.poll()
                 extra = f"{extra}, prefix slot breaks {'-' if b is None else b}"
+            if self.unplanned_source is not None and (n := self.unplanned_source()):
+                extra = f"{extra}, decode steps without a relay plan {n}"
             if self.digest_source is not None:
                 extra = f"{extra}, {format_digest(self.digest_source())}"
             record.msg = f"{record.msg}, {extra}"
@@ -96,6 +104,10 @@ class RelayPrometheus:
         self.groups = gauge("groups", "Relay groups in the last decode step")
         self.members = gauge("members", "Requests in at least one relay group (last decode step)")
         self.shared_tokens = gauge("shared_tokens", "Shared prefix tokens read once per step (last step)")
+        self.groups_over_cap = gauge("groups_over_cap", "Qualifying relay groups left out of the last decode "
+                                     "step because more than RELAY_RADIX_MAX_GROUPS qualified")
+        self.steps_without_plan = gauge("steps_without_plan", "Decode steps so far that reached the relay "
+                                        "backend without a scheduler plan (they ran with no groups)")
         self.prefix_slot_breaks = gauge("prefix_slot_breaks", "Breaks in the consecutive-slot runs of the newest "
                                         "prefix plan (each sends a prefix chunk from TMA to the gather loop)")
         self.kv_bytes_relay = Counter("sglang:relay_kv_bytes_read", "KV bytes decode attention read with relay",
@@ -110,10 +122,13 @@ class RelayPrometheus:
                                     labelnames=names)
         self._host_mark = [0.0, 0.0, 0, 0]
 
-    def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None) -> None:
+    def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0) -> None:
         """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
-        call; ``slot_breaks``: the newest ``SlotBreakCounter`` count (None: none finished yet)."""
+        call; ``slot_breaks``: the newest ``SlotBreakCounter`` count (None: none finished yet);
+        ``steps_without_plan``: the backend's running count of unplanned decode steps."""
         lb = self.labels
+        self.groups_over_cap.labels(**lb).set(s.groups_over_cap)
+        self.steps_without_plan.labels(**lb).set(steps_without_plan)
         if slot_breaks is not None:
             self.prefix_slot_breaks.labels(**lb).set(slot_breaks)
         self.groups.labels(**lb).set(s.groups)

@@ -1,7 +1,8 @@
 """SGLang general plugin (entry point ``sglang.srt.plugins: relay``).
 
 ``load_plugins()`` calls :func:`register` in the launcher process and in every scheduler
-process (map section 1). It uses SGLang's own seams:
+process (SGLang 0.5.16 ``srt/plugins/__init__.py:103-141``: once per process, and each
+spawned child loads the plugins afresh). It uses SGLang's own seams:
   * ``add_attention_backend_choices`` + ``register_attention_backend("relay")``,
   * ``register_radix_cache_backend("relay")`` (the tree that tracks relay groups),
   * ``HookRegistry`` for what has no seam: server-argument checks and the scheduler's plan

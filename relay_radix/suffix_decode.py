@@ -5,7 +5,7 @@ prefix kernel) and the row's own suffix ``req_to_token[pool[r], suffix_start[r]:
 The suffix is plain paged decode, so it runs on the kernel vanilla SGLang decode runs:
 FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``, driven through the wrapped
 ``FlashInferAttnBackend``'s own wrappers and index updater. With no shared segment in a batch,
-relay decode is then vanilla decode plus a near-empty prefix launch and an LSE copy.
+relay decode is then vanilla decode plus a near-empty prefix launch and a merge launch.
 
 What is reused from the wrapped backend (SGLang 0.5.16, ``flashinfer_backend.py``):
   * graph mode: the per-batch-size graph wrappers it creates in
@@ -37,7 +37,8 @@ class FlashInferSuffixDecode:
                 f"{type(base_backend).__name__}; set RELAY_RADIX_BASE_BACKEND=flashinfer or RELAY_RADIX_SUFFIX=triton")
         if base_backend.num_wrappers != 1:
             # Sliding window / cross attention use two wrappers; relay refuses those models at launch.
-            raise ValueError("relay-radix: the FlashInfer suffix path supports full attention only (one wrapper)")
+            raise ValueError("relay-radix: the FlashInfer suffix path supports full attention only (one wrapper); "
+                             "set RELAY_RADIX_SUFFIX=triton, or use --attention-backend flashinfer for this model")
         self.base = base_backend
         self.updater = base_backend.indices_updater_decode
         self.wrapper = None  # the wrapper planned for the current step

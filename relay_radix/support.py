@@ -35,12 +35,16 @@ def server_args_problems(args) -> list[tuple[str, str]]:
     if g("enable_hierarchical_cache"):
         out.append(("--enable-hierarchical-cache", "Drop it, or " + ALTERNATIVE))
     kv = str(g("kv_cache_dtype") or "auto")
-    if kv not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32"):
+    if kv not in ("auto", "bfloat16", "bf16"):  # SGLang's unquantized --kv-cache-dtype choices
         out.append((f"--kv-cache-dtype {kv} (quantized KV)", "Use --kv-cache-dtype auto, or " + ALTERNATIVE))
     if g("enable_dp_attention"):
         out.append(("--enable-dp-attention", "Drop it (use --dp-size without DP attention), or " + ALTERNATIVE))
     if g("enable_deterministic_inference"):
         out.append(("--enable-deterministic-inference", ALTERNATIVE))
+    if g("enable_two_batch_overlap"):
+        # Two-batch overlap wraps the backend per micro-batch (TboAttnBackend); those copies
+        # would get no relay plan and decode with no groups.
+        out.append(("--enable-two-batch-overlap", "Drop it, or " + ALTERNATIVE))
     if g("enable_pdmux"):
         out.append(("--enable-pdmux", ALTERNATIVE))
     if str(g("disaggregation_mode") or "null") != "null":
@@ -52,9 +56,14 @@ def server_args_problems(args) -> list[tuple[str, str]]:
 
 
 def check_server_args(args) -> None:
+    """Refuse unsupported server settings, and read the ``RELAY_RADIX_*`` settings here so a
+    bad value fails in the launcher rather than in each spawned scheduler."""
     problems = server_args_problems(args)
     if problems:
         _refuse("; ".join(w for w, _ in problems), " ".join(f for _, f in problems))
+    from relay_radix.config import RelayConfig
+
+    RelayConfig.from_env()
 
 
 def check_model_runner(runner) -> None:
@@ -77,5 +86,10 @@ def check_model_runner(runner) -> None:
     dtype = getattr(runner.token_to_kv_pool, "dtype", None)
     if dtype is not None and dtype not in SUPPORTED_KV_DTYPES:
         _refuse(f"KV cache dtype {dtype}", "Use --kv-cache-dtype auto, or " + ALTERNATIVE)
+    model_dtype = getattr(mc, "dtype", None)
+    if dtype is not None and model_dtype is not None and dtype != model_dtype:
+        # The relay kernels multiply queries (model dtype) with keys on tensor cores in one dtype.
+        _refuse(f"KV cache dtype {dtype} with model dtype {model_dtype}",
+                "Use --kv-cache-dtype auto (the model's dtype), or " + ALTERNATIVE)
     if getattr(runner, "page_size", 1) != 1:
         _refuse(f"page size {runner.page_size}", "Use --page-size 1")

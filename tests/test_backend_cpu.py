@@ -219,22 +219,31 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse, tile):
         s.finish(r)
 
 
-def test_decode_log_line_and_prometheus_after_real_steps():
-    """Observability after real decode steps: the decode log line gets the plan's figures and
-    relay's host time per step; the Prometheus metrics (a private registry) count the same."""
-    import logging
-
+def metered_backends(cfg):
+    """A MiniScheduler, both backends, and what the scheduler hook reads: the relay backend and
+    Prometheus metrics in a private registry. Returns (sched, runner, relay, native, registry,
+    scheduler)."""
     from prometheus_client import CollectorRegistry
 
-    from relay_radix.metrics import DecodeLogFilter, RelayPrometheus
+    from relay_radix.metrics import RelayPrometheus
 
-    cfg = RelayConfig(min_group_size=3, min_prefix_tokens=64, gate=False)
     s = MiniScheduler(relay_config=cfg)
     runner, relay, native = make_backends(s)
     relay.config = cfg
     registry = CollectorRegistry()
     prom = RelayPrometheus({"tp_rank": "0"}, registry=registry)
-    scheduler = types.SimpleNamespace(_relay_backend=relay, _relay_prometheus=prom)
+    return s, runner, relay, native, registry, types.SimpleNamespace(_relay_backend=relay, _relay_prometheus=prom)
+
+
+def test_decode_log_line_and_prometheus_after_real_steps():
+    """Observability after real decode steps: the decode log line gets the plan's figures and
+    relay's host time per step; the Prometheus metrics (a private registry) count the same."""
+    import logging
+
+    from relay_radix.metrics import DecodeLogFilter
+
+    cfg = RelayConfig(min_group_size=3, min_prefix_tokens=64, gate=False)
+    s, runner, relay, native, registry, scheduler = metered_backends(cfg)
     system = words(1, 300)
     s.prefill([s.new_req(system + words(2, 10))])
     s.prefill([s.new_req(system + words(3 + i, 10)) for i in range(3)] + [s.new_req(words(9, 40))])
@@ -268,6 +277,55 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     assert value("sglang:relay_plans_reused_total") == 0.0
     assert value("sglang:relay_host_seconds_total", part="hook") > 0
     assert value("sglang:relay_host_seconds_total", part="metadata") > 0
+    for r in list(s.running):
+        s.finish(r)
+
+
+def test_log_line_and_metrics_say_when_relay_is_partly_off():
+    """Groups left out for RELAY_RADIX_MAX_GROUPS and decode steps that reached the backend with
+    no scheduler plan show in the decode log line and /metrics (and only when they happen);
+    both steps still equal torch_native."""
+    import logging
+
+    from relay_radix.metrics import DecodeLogFilter
+
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=64, gate=False, max_groups=1)
+    s, runner, relay, native, registry, scheduler = metered_backends(cfg)
+    a, b = words(1, 300), words(2, 200)  # a: 3 members (saves 2 x 300), b: 2 members (1 x 200)
+    s.prefill([s.new_req(a + words(3, 10)), s.new_req(b + words(4, 10))])
+    s.prefill([s.new_req(a + words(5 + i, 10)) for i in range(2)] + [s.new_req(b + words(8, 10))])
+    gen = torch.Generator().manual_seed(0)
+    log_filter = DecodeLogFilter(lambda: relay.last_stats, unplanned_source=lambda: relay.plans_without_scheduler)
+
+    def line():
+        record = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
+        log_filter.filter(record)
+        return record.getMessage()
+
+    def value(name):
+        return registry.get_sample_value(name, {"tp_rank": "0"})
+
+    for _ in range(2):
+        assert decode_and_compare(s, runner, relay, native, layers(s), gen, scheduler) < 1e-5
+    assert "relay: groups 1 (+1 over RELAY_RADIX_MAX_GROUPS), members 3, shared 300 tok" in line()
+    assert "without a relay plan" not in line()
+    assert (value("sglang:relay_groups_over_cap"), value("sglang:relay_steps_without_plan")) == (1.0, 0.0)
+
+    # A step whose plan never arrived (no scheduler hook) runs with no groups and is counted.
+    batch = s.decode_batch()
+    fb = forward_batch(s, batch, runner)
+    relay.init_forward_metadata(fb)
+    native.init_forward_metadata(fb)
+    assert relay.plan.num_groups == 0
+    for layer in layers(s):
+        q, k, v = (torch.randn(len(batch.reqs), *shape, generator=gen) for shape in (
+            (s.num_q_heads * s.head_dim,), (s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim)))
+        o_relay, o_native = relay.forward(q, k, v, layer, fb), native.forward(q, k, v, layer, fb)
+        assert ((o_relay - o_native).norm() / o_native.norm()).item() < 1e-5
+    s.after_decode(batch)
+    assert "decode steps without a relay plan 1" in line()
+    assert decode_and_compare(s, runner, relay, native, layers(s), gen, scheduler) < 1e-5
+    assert value("sglang:relay_steps_without_plan") == 1.0
     for r in list(s.running):
         s.finish(r)
 

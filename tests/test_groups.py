@@ -248,3 +248,33 @@ def test_plan_structure_is_reused_only_while_the_batch_is_unchanged():
     for r in list(s.running):
         s.finish(r)
     check_no_leak(s)
+
+
+def test_groups_beyond_max_groups_keep_the_largest_savings(caplog):
+    """More qualifying prefixes than the kernels' static capacity (``max_groups``): the groups
+    that save the most prefix reads stay, a kept nested group whose parent was left out starts
+    at the root, and the cap leaves nothing pinned."""
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16, max_groups=2)
+    s = MiniScheduler(relay_config=cfg)
+    big, small, fewshot = words(1, 400), words(2, 100), words(3, 350)
+    reqs = [s.new_req(big + words(10 + i, 8)) for i in range(3)]
+    reqs += [s.new_req(small + words(20 + i, 8)) for i in range(2)]
+    reqs += [s.new_req(small + fewshot + words(30 + i, 8)) for i in range(2)]
+    s.prefill([reqs[0], reqs[3], reqs[5]])  # puts the three prompts in the tree
+    s.prefill([reqs[1], reqs[2], reqs[4], reqs[6]])
+    with caplog.at_level("WARNING", logger="relay_radix.groups"):
+        plan_for(s)
+        _, plan = plan_for(s)  # every request now counted under its own leaf
+    # Uncapped there are three groups, saving (members - 1) x tokens prefix reads per step:
+    # big 2 x 400, small 3 x 100 and, nested under small, the few-shot block 1 x 350.
+    # Capped at 2: big and the few-shot group, which now covers small too (0..450, 1 x 450).
+    assert group_table(plan) == {(0, 0, 400): 3, (0, 0, 450): 2}
+    assert s.tree.relay.groups_over_cap == 1
+    assert any("RELAY_RADIX_MAX_GROUPS=2" in r.getMessage() for r in caplog.records)
+    with caplog.at_level("WARNING", logger="relay_radix.groups"):
+        s.finish(reqs[0])  # big keeps 2 members: still three candidates, still capped
+    assert s.tree.relay.groups_over_cap == 1
+    for r in list(s.running):
+        s.finish(r)
+    assert s.tree.relay.groups == [] and s.tree.relay.groups_over_cap == 0
+    check_no_leak(s)

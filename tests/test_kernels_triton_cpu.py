@@ -281,3 +281,22 @@ def test_external_suffix_state_merged_in_place(dtype, hq, hkv):
     for r in range(bs):
         if r not in in_group:
             assert torch.equal(o[r], before[r]), f"row {r} (no group) was rewritten"
+
+
+def test_mismatched_inputs_are_refused_before_any_launch():
+    """A V pool of another shape, mixed dtypes or too few q rows raise with the shapes named,
+    instead of computing attention over the wrong memory."""
+    groups = random_groups(4, seed=3, max_prefix=64, max_group=3)
+    case = make_case(bs=4, hq=4, hkv=2, d=32, dtype=torch.float32, groups=groups, suffix_lens=[5] * 4, seed=3)
+    wide_v = torch.zeros(case.v.shape[0], 2, 64)
+    with pytest.raises(AssertionError, match="k/v pools"):
+        relay_decode_triton(case.q, case.k, wide_v, sm_scale=case.sm_scale, **case.csr)
+    with pytest.raises(AssertionError, match="dtypes"):
+        relay_decode_triton(case.q, case.k.half(), case.v.half(), sm_scale=case.sm_scale, **case.csr)
+    w = TritonRelayDecode(4, 2, 32, torch.float32, "cpu", max_bs=4, max_groups=8, max_members=16,
+                          max_prefix_tokens=1000, max_suffix_tokens=100)
+    with pytest.raises(AssertionError, match="before plan"):
+        w.run(case.q, case.k, case.v, torch.empty_like(case.q), sm_scale=case.sm_scale)
+    w.plan(**plan_kwargs(case))
+    with pytest.raises(AssertionError, match="rows"):
+        w.run(case.q[:2], case.k, case.v, torch.empty_like(case.q[:2]), sm_scale=case.sm_scale)

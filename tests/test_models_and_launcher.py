@@ -133,7 +133,8 @@ def test_launcher_respects_a_given_backend():
 
 
 @pytest.mark.parametrize("bad", [["--relay-kernel", "cuda"], ["--relay-min-group-size", "four"],
-                                 ["--relay-min-prefix-tokens"], ["--relay-kernel", "--port"]])
+                                 ["--relay-min-prefix-tokens"], ["--relay-kernel", "--port"],
+                                 ["--relay-min-prefix-tokens=-"], ["--relay-min-group-size=2.5"]])
 def test_launcher_rejects_bad_relay_flags(bad):
     with pytest.raises(ValueError):
         launch_server.build_argv(["--model-path", "/m"] + bad, resolve=fake_resolve)

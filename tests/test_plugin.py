@@ -48,6 +48,7 @@ def test_command_line_accepts_relay_and_sets_its_tree(plugins_loaded):
     (dict(kv_cache_dtype="fp8_e4m3"), "quantized KV"),
     (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
     (dict(enable_dp_attention=True), "--enable-dp-attention"),
+    (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap"),
 ])
 def test_unsupported_settings_are_refused_with_advice(extra, needle):
     from relay_radix.support import RelayUnsupported, check_server_args
@@ -56,6 +57,20 @@ def test_unsupported_settings_are_refused_with_advice(extra, needle):
     with pytest.raises(RelayUnsupported, match="not supported") as e:
         check_server_args(args)
     assert needle in str(e.value)
+
+
+def test_bad_relay_settings_fail_at_the_server_args_check(monkeypatch):
+    """RELAY_RADIX_* are read in the launcher's ServerArgs check, not first in a spawned scheduler."""
+    from relay_radix.support import check_server_args
+
+    args = types.SimpleNamespace(attention_backend="relay", page_size=1)
+    check_server_args(args)
+    monkeypatch.setenv("RELAY_RADIX_MAX_GROUPS", "0")
+    with pytest.raises(ValueError, match="RELAY_RADIX_MAX_GROUPS"):
+        check_server_args(args)
+    monkeypatch.setenv("RELAY_RADIX_MAX_GROUPS", "many")
+    with pytest.raises(ValueError, match="not an integer"):
+        check_server_args(args)
 
 
 def test_model_checks_refuse_mla_sliding_window_and_fp8():
@@ -72,6 +87,10 @@ def test_model_checks_refuse_mla_sliding_window_and_fp8():
     check_model_runner(runner())  # a plain dense model passes
     with pytest.raises(RelayUnsupported, match="MLA"):
         check_model_runner(runner(use_mla_backend=True))
+    mixed = runner()
+    mixed.model_config.dtype = torch.float16  # bf16 KV under an fp16 model (--kv-cache-dtype bf16)
+    with pytest.raises(RelayUnsupported, match="with model dtype"):
+        check_model_runner(mixed)
     with pytest.raises(RelayUnsupported, match="KV cache dtype"):
         check_model_runner(runner(token_to_kv_pool=types.SimpleNamespace(dtype=torch.float8_e4m3fn)))
     swa = runner()
@@ -99,7 +118,7 @@ def test_config_from_env_validates(monkeypatch):
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "flashinfer")
     cfg = RelayConfig.from_env()
     assert (cfg.min_group_size, cfg.demote_group_size, cfg.kernel) == (8, 4, "flashinfer")
-    assert cfg.plan_reuse is True and cfg.prefix_stream is True  # the defaults
+    assert cfg.plan_reuse is True and cfg.prefix_stream is True and cfg.max_groups == 64  # the defaults
     monkeypatch.setenv("RELAY_RADIX_PLAN_REUSE", "0")
     monkeypatch.setenv("RELAY_RADIX_PREFIX_STREAM", "0")
     assert (RelayConfig.from_env().plan_reuse, RelayConfig.from_env().prefix_stream) == (False, False)

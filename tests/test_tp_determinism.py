@@ -1,7 +1,8 @@
 """Tensor-parallel determinism: two ranks fed the same requests build the same relay plans.
 
 Every TP rank runs its own scheduler over its own radix tree; only requests are broadcast
-(map section 8). Two independent ``MiniScheduler`` instances play two ranks: separate real
+(SGLang 0.5.16: one scheduler process per rank, ``entrypoints/engine.py:598-660``; requests
+broadcast in ``managers/scheduler_components/request_receiver.py:143-205``). Two independent ``MiniScheduler`` instances play two ranks: separate real
 ``RelayRadixCache`` trees, pools and allocators, fed the same operations. Rank 1 allocates
 extra objects (and extra ``TreeNode``s) between operations, so its nodes live at other
 addresses and carry other absolute ids, as in another process.
