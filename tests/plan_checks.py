@@ -28,7 +28,7 @@ def check_plan(sched, batch, plan: DecodeRelayPlan) -> None:
     * the shared slots a group reads (from its source row) are, for every member, the
       member's own ``req_to_token`` slots over the segment, and the tree's node values;
     * membership equals the live rows whose ``last_node`` lies under the group's head;
-    * every group head is pinned (``lock_ref > 0``).
+    * every group head is pinned (``lock_ref > 0``), and there are at most ``max_groups``.
     """
     tree, manager = sched.tree, sched.tree.relay
     bs = len(batch.reqs)
@@ -76,6 +76,7 @@ def check_plan(sched, batch, plan: DecodeRelayPlan) -> None:
         under = {r for r, req in enumerate(batch.reqs) if head.head in path_nodes(tree, req.last_node)}
         assert rows == under
     assert len(heads) >= plan.num_groups
+    assert plan.num_groups <= manager.config.max_groups  # the kernels' static capacity
 
 
 def check_no_leak(sched) -> None:

@@ -182,9 +182,10 @@ op = st.one_of(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(op, min_size=5, max_size=25), overlap=st.booleans(), seed=st.integers(0, 10**6))
-def test_random_lifecycles_keep_invariants(ops, overlap, seed):
-    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32)
+@given(ops=st.lists(op, min_size=5, max_size=25), overlap=st.booleans(), seed=st.integers(0, 10**6),
+       max_groups=st.sampled_from([1, 2, 64]))
+def test_random_lifecycles_keep_invariants(ops, overlap, seed, max_groups):
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, max_groups=max_groups)
     s = MiniScheduler(relay_config=cfg, overlap=overlap, kv_size=16384, max_reqs=48)
     rng = random.Random(seed)
     for kind, a, b in ops:

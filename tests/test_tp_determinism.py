@@ -181,9 +181,10 @@ op = st.one_of(
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=10, max_size=40), overlap=st.booleans(),
-       seed=st.integers(0, 10**6))
-def test_two_ranks_build_identical_plans_under_tied_evictions(ops, overlap, seed):
-    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32)
+       seed=st.integers(0, 10**6), max_groups=st.sampled_from([1, 2, 64]))
+def test_two_ranks_build_identical_plans_under_tied_evictions(ops, overlap, seed, max_groups):
+    # max_groups 1 / 2: the cap's choice (savings, then creation order) must agree across ranks too.
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, max_groups=max_groups)
     # A small KV pool: admissions and decode steps also evict on their own (SGLang's
     # evict_from_tree_cache inside alloc_token_slots), with tied priorities.
     kv_size = 3072
