@@ -27,10 +27,11 @@ RELAY_FLAGS = {
     "--relay-kernel": ("RELAY_RADIX_KERNEL", ("triton", "flashinfer")),
     "--relay-min-group-size": ("RELAY_RADIX_MIN_GROUP_SIZE", None),
     "--relay-min-prefix-tokens": ("RELAY_RADIX_MIN_PREFIX_TOKENS", None),
+    "--relay-max-groups": ("RELAY_RADIX_MAX_GROUPS", None),
     "--relay-base-backend": ("RELAY_RADIX_BASE_BACKEND", None),
     "--relay-suffix": ("RELAY_RADIX_SUFFIX", ("flashinfer", "triton")),
 }
-_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens")
+_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
 
 HELP = """relay-radix launcher: python -m relay_radix.launch_server [sglang.launch_server args]
@@ -43,6 +44,7 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
   --relay-kernel {triton,flashinfer}   RELAY_RADIX_KERNEL (default triton)
   --relay-min-group-size N             RELAY_RADIX_MIN_GROUP_SIZE (default 4)
   --relay-min-prefix-tokens N          RELAY_RADIX_MIN_PREFIX_TOKENS (default 256)
+  --relay-max-groups N                 RELAY_RADIX_MAX_GROUPS: most groups at once (default 64)
   --relay-base-backend NAME            RELAY_RADIX_BASE_BACKEND: prefill/extend backend
                                        (default flashinfer on CUDA)
   --relay-suffix {flashinfer,triton}   RELAY_RADIX_SUFFIX: kernel for each request's own

@@ -114,10 +114,12 @@ def test_launcher_defaults_to_relay_with_builtin_model():
 def test_launcher_relay_flags_become_env_and_leave_argv():
     argv, env = launch_server.build_argv(
         ["--relay-kernel", "flashinfer", "--model", "relay-radix/llama2-7b-mha", "--relay-min-group-size=8",
-         "--relay-min-prefix-tokens", "512", "--load-format", "auto", "--relay-base-backend", "triton"],
+         "--relay-min-prefix-tokens", "512", "--load-format", "auto", "--relay-base-backend", "triton",
+         "--relay-max-groups=16"],
         resolve=fake_resolve)
     assert env == {"RELAY_RADIX_KERNEL": "flashinfer", "RELAY_RADIX_MIN_GROUP_SIZE": "8",
-                   "RELAY_RADIX_MIN_PREFIX_TOKENS": "512", "RELAY_RADIX_BASE_BACKEND": "triton"}
+                   "RELAY_RADIX_MIN_PREFIX_TOKENS": "512", "RELAY_RADIX_BASE_BACKEND": "triton",
+                   "RELAY_RADIX_MAX_GROUPS": "16"}
     assert not any(a.startswith("--relay") for a in argv)
     assert argv[:4] == ["--model", "/cache/llama2-7b-mha", "--load-format", "auto"]  # user's format kept
     assert argv.count("--load-format") == 1

@@ -74,11 +74,15 @@ SYSTEMS = {
     "triton": "SGLang as shipped with its Triton attention backend (reference row)",
     "relay-eager": "relay with --disable-cuda-graph: every decode step on the eager path",
     "relay-fi": "relay with --relay-kernel flashinfer: FlashInfer prefill over the groups + FlashInfer suffix decode",
+    "relay-cap16": "relay with --relay-max-groups 16: more qualifying prefixes than groups (the cap keeps the 16 "
+                   "saving the most reads)",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
-                  "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"}}
+                  "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"},
+                  "relay-cap16": {"gsp2k_32x4"}}
 # Systems launched through relay_radix.launch_server, with their own extra flags.
-RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"]}
+RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"],
+                 "relay-cap16": ["--relay-max-groups", "16"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
@@ -117,6 +121,8 @@ WORKLOADS = {w.name: w for w in [
     Workload("gsp2k_c64", "gsp", "2K shared system prompt, 128 req, c64", 18, 2048, conc=64, control="ctrl_c64"),
     Workload("gsp8k_4x32", "gsp", "4 different 8K system prompts x 32 req, c128", 32, 8192, groups=4,
              per_group=32, control="ctrl_c128"),
+    Workload("gsp2k_32x4", "gsp", "32 different 2K system prompts x 4 req, c128 (32 groups at once)", 18, 2048,
+             groups=32, per_group=4, control="ctrl_c128"),
     Workload("nested_c128", "nested", "4K global prompt + 4 groups x (2K few-shot + 32 req), c128", 28,
              4096, groups=4, per_group=32, fewshot_len=2048, control="ctrl_c128"),
     Workload("nosh_c128", "rnd", "no sharing: random ids, 256 in / 256 out, 128 req, c128", 15,
@@ -140,6 +146,7 @@ PRESETS = {
     "more": ["gsp2k_c64", "ctrl_c64", "gsp8k_4x32", "nested_c128"],
     "extra": ["frontend8k", "nosh_c128"],
     "rate": ["rate8k"],
+    "groups": ["gsp2k_32x4", "ctrl_c128"],
 }
 PRESETS["all"] = [n for p in ("core", "more", "extra", "rate") for n in PRESETS[p]]
 DEFAULT_RATES = (4.0, 8.0, 16.0, 32.0, 64.0)
