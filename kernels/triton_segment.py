@@ -299,6 +299,8 @@ def launch_segment_attention(
     assert part_o.stride(2) == 1 and part_lse.stride(1) == 1
     assert v_buffer.shape == k_buffer.shape and k_buffer.shape[2] == head_dim, \
         f"k/v pools {tuple(k_buffer.shape)}/{tuple(v_buffer.shape)} vs q head_dim {head_dim}"
+    assert q.dtype == k_buffer.dtype == v_buffer.dtype, \
+        f"q/k/v dtypes {q.dtype}/{k_buffer.dtype}/{v_buffer.dtype}: one dtype for the tensor-core dots (no quantized KV)"
     assert work.shape[1] == 5 and work.is_contiguous()
     gqa = num_q_heads // num_kv_heads
     if head_dim > 128:

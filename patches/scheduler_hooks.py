@@ -97,9 +97,9 @@ def after_scheduler_init(result, self, *args, **kwargs):
 
 
 def _record_plan_fingerprint(scheduler, plan) -> None:
-    """Per-rank plan trace: every TP rank builds its plan from its own replicated tree (see
-    the module docstring), so the ranks' fingerprints must agree step by step. Logs each one at DEBUG and
-    folds it into a rolling digest (``_relay_plan_digest``, shown in the decode log line as
+    """Per-rank plan trace: every TP rank builds its plan from its own replicated tree (see the
+    module docstring), so the ranks' fingerprints must agree step by step. Logs each one at DEBUG
+    and folds it into a rolling digest (``_relay_plan_digest``, shown in the decode log line as
     ``plan digest <8 hex>``) so two ranks' logs can be compared line by line. Cheap: the
     fingerprint hashes a few small int32 arrays."""
     fp = plan.fingerprint()

@@ -4,8 +4,8 @@
   ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), host H ms/step (hook A,
   metadata B, plan reuse P%), prefix slot breaks S, plan digest D`` to every ``Decode batch ...``
   line (SGLang builds that line inside ``report_decode_stats``; the filter extends it without
-  touching SGLang's code). Host figures are means over the decode steps since the previous line. D is
-  the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
+  touching SGLang's code). Host figures are means over the decode steps since the previous
+  line. D is the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
   read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``). Two figures appear only when not
   zero, because each means relay is partly off: ``groups G (+N over RELAY_RADIX_MAX_GROUPS)``
@@ -13,8 +13,9 @@
   the backend with no scheduler plan ran with no groups).
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
   made in a scheduler process (``--enable-metrics`` makes SGLang's ``entrypoints/engine.py:1296``
-  set ``PROMETHEUS_MULTIPROC_DIR``, which the spawned schedulers inherit); these gauges and counters are made at scheduler init (``make_prometheus``) in a process
-  whose ``PROMETHEUS_MULTIPROC_DIR`` is set.
+  set ``PROMETHEUS_MULTIPROC_DIR``, which the spawned schedulers inherit); these gauges and
+  counters are made at scheduler init (``make_prometheus``) in a process whose
+  ``PROMETHEUS_MULTIPROC_DIR`` is set.
 """
 
 from __future__ import annotations
