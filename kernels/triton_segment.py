@@ -189,6 +189,11 @@ def _segment_attention_kernel(
     pid = tl.program_id(1)
     num_programs = tl.num_programs(1)
     num_work = tl.load(Num_Work)
+    if pid >= num_work:
+        # Programs of the fixed (CUDA-graph) grid with no item this step leave before building
+        # the TMA descriptors below (two 128-byte global writes and a tensormap fence each):
+        # with no group in the batch, every program of the prefix launch takes this exit.
+        return
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -278,3 +278,35 @@ def test_groups_beyond_max_groups_keep_the_largest_savings(caplog):
         s.finish(r)
     assert s.tree.relay.groups == [] and s.tree.relay.groups_over_cap == 0
     check_no_leak(s)
+
+
+def test_exactness_workload_with_many_blocks_forms_one_group_per_block():
+    """The serving exactness workload ``exact_groups`` (``bench/serving/exactness.py``: a global
+    prompt, then one of ``blocks`` few-shot blocks, 4 requests each) yields, with the default
+    thresholds, the global group plus one nested group per block: what its GPU run compares."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "serving"))
+    import exactness
+
+    blocks, per_block = 16, 4
+    prompts = exactness.make_prompts(blocks * per_block, 300, 300, 8, vocab=1000, blocks=blocks)
+    s = MiniScheduler(relay_config=RelayConfig())  # defaults: groups of >= 4, >= 256 tokens
+    reqs = [s.new_req(p, max_new_tokens=4) for p in prompts]
+    s.prefill(reqs[:1])  # the global prompt enters the tree
+    s.prefill(reqs[1:blocks])  # one request per block: every block enters the tree
+    s.prefill(reqs[blocks:])
+    plan_for(s)
+    _, plan = plan_for(s)
+    spans = sorted((int(plan.group_level[g]), int(plan.group_start[g]), int(plan.group_end[g]),
+                    int(plan.member_indptr[g + 1] - plan.member_indptr[g])) for g in range(plan.num_groups))
+    # group_table() keys by span, and the 16 nested groups share one: list them instead.
+    assert spans == [(0, 0, 300, blocks * per_block)] + [(1, 300, 600, per_block)] * blocks
+    members = [set(plan.member_rows[int(plan.member_indptr[g]):int(plan.member_indptr[g + 1])].tolist())
+               for g in range(plan.num_groups) if int(plan.group_level[g]) == 1]
+    assert set().union(*members) == set(range(blocks * per_block))  # each row in exactly one block
+    for r in list(s.running):
+        s.finish(r)
+    assert s.tree.relay.groups == []
+    check_no_leak(s)

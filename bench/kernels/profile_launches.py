@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -28,6 +29,9 @@ CONFIGS = {
                                                suffix_lo=1, suffix_hi=1),
     "llama3-8b P=8192 B=128 (serving 8K)": dict(hq=32, hkv=8, d=128, bs=128, groups_spec=[[(0, 128, 8192)]],
                                                 suffix_lo=129, suffix_hi=384),
+    # Nothing shared (the serving control's step): relay's launches beyond FlashInfer decode.
+    "llama3-8b no-sharing short B=128": dict(hq=32, hkv=8, d=128, bs=128, groups_spec=[],
+                                             suffix_lo=129, suffix_hi=384),
 }
 
 
@@ -67,16 +71,19 @@ def dense_reference_us(hq: int, hkv: int, d: int, members: int, keys: int, backe
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
-    ap.add_argument("--kernels", default="relay_triton,relay_hybrid_stream,relay_fi,relay_fi_fa3")
+    ap.add_argument("--kernels", default="fi_decode,relay_triton,relay_hybrid_stream,relay_fi,relay_fi_fa3")
+    ap.add_argument("--configs", default=None, help="regex: only the configs whose name matches")
     args = ap.parse_args()
     res = dict(device=torch.cuda.get_device_name(), configs={})
     for name, spec in CONFIGS.items():
+        if args.configs and not re.search(args.configs, name):
+            continue
         w = make_workload(**spec)
         row = dict(launches={})
         for kname in args.kernels.split(","):
             fn, _, _ = KERNELS[kname](w)
             row["launches"][kname] = kernel_times(fn)
-        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION") if spec["groups_spec"] else ():
             try:
                 row[f"dense_{backend}_us"] = dense_reference_us(
                     spec["hq"], spec["hkv"], spec["d"], spec["bs"], spec["groups_spec"][0][0][2], backend)

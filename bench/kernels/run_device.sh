@@ -4,7 +4,8 @@
 #   bash bench/kernels/run_device.sh            # results under $OUT (default ./out)
 # Env: BUDGET (s of timing configs, default 330), CORR (s of correctness checks, default 150),
 #      PYTEST_K (pytest -k expression, default: all GPU kernel tests),
-#      PROFILE (set: per-launch GPU times of a few configs, bench/kernels/profile_launches.py),
+#      PROFILE (set: per-launch GPU times of a few configs, bench/kernels/profile_launches.py;
+#               PROFILE_ARGS="--configs 'no-sharing'" for some of them),
 #      PROBE (set: prefix-pass probe, gather vs TMA vs FlashInfer dense, bench/kernels/prefix_probe.py;
 #             PROBE_ARGS=--no-flashinfer for the Triton launches only),
 #      SKIP_BENCH (set: no bench/kernels/run.py, only the probes and the tests),
@@ -32,7 +33,8 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --
 ln -sfn ../kernels relay_radix/kernels
 ln -sfn ../patches relay_radix/patches
 if [ -n "${PROFILE:-}" ]; then  # per-launch times (bench/kernels/profile_launches.py) first
-  python3 bench/kernels/profile_launches.py --out "$OUT" > "$OUT/profile.log" 2>&1
+  eval "set -- ${PROFILE_ARGS:-}"
+  python3 bench/kernels/profile_launches.py --out "$OUT" "$@" > "$OUT/profile.log" 2>&1
   echo "profile rc=$? at $(( $(date +%s) - T0 ))s"
 fi
 if [ -n "${PROBE:-}" ]; then

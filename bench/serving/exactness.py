@@ -22,12 +22,17 @@ import random
 import urllib.request
 
 
-def make_prompts(n: int, system_len: int, fewshot_len: int, question_len: int, vocab: int, seed: int = 0):
+def make_prompts(n: int, system_len: int, fewshot_len: int, question_len: int, vocab: int, seed: int = 0,
+                 blocks: int = 2) -> list[list[int]]:
+    """``n`` token-id prompts: one global system prompt, then few-shot block ``i % blocks``, then
+    a question of its own. With ``n // blocks >= RELAY_RADIX_MIN_GROUP_SIZE`` every block is a
+    nested relay group under the global one."""
     rng = random.Random(seed)
     lo = 100  # skip specials and punctuation ids of the built-in tokenizers
     system = [rng.randrange(lo, vocab) for _ in range(system_len)]
-    fewshots = [[rng.randrange(lo, vocab) for _ in range(fewshot_len)] for _ in range(2)]
-    return [system + fewshots[i % 2] + [rng.randrange(lo, vocab) for _ in range(question_len)] for i in range(n)]
+    fewshots = [[rng.randrange(lo, vocab) for _ in range(fewshot_len)] for _ in range(blocks)]
+    return [system + fewshots[i % blocks] + [rng.randrange(lo, vocab) for _ in range(question_len)]
+            for i in range(n)]
 
 
 def _generate(port: int, ids: list[int], max_new: int, top_k: int) -> dict:
@@ -46,8 +51,8 @@ def _generate(port: int, ids: list[int], max_new: int, top_k: int) -> dict:
 
 
 def collect(port: int, n: int, system_len: int, fewshot_len: int, question_len: int, vocab: int,
-            max_new: int, top_k: int) -> list[dict]:
-    prompts = make_prompts(n, system_len, fewshot_len, question_len, vocab)
+            max_new: int, top_k: int, blocks: int = 2) -> list[dict]:
+    prompts = make_prompts(n, system_len, fewshot_len, question_len, vocab, blocks=blocks)
     with cf.ThreadPoolExecutor(max_workers=n) as ex:
         return list(ex.map(lambda p: _generate(port, p, max_new, top_k), prompts))
 
@@ -86,6 +91,7 @@ def main(argv=None) -> int:
     c.add_argument("--vocab", type=int, default=32000)
     c.add_argument("--max-new", type=int, default=32)
     c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--blocks", type=int, default=2, help="few-shot blocks (nested groups under the prompt)")
     c.add_argument("--out", required=True)
     m = sub.add_parser("compare")
     m.add_argument("a")
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
     m.add_argument("--json")
     a = ap.parse_args(argv)
     if a.cmd == "collect":
-        res = collect(a.port, a.n, a.system_len, a.fewshot_len, a.question_len, a.vocab, a.max_new, a.top_k)
+        res = collect(a.port, a.n, a.system_len, a.fewshot_len, a.question_len, a.vocab, a.max_new, a.top_k,
+                      blocks=a.blocks)
         with open(a.out, "w") as f:
             json.dump(res, f)
         print(f"collected {len(res)} requests -> {a.out}")

@@ -129,8 +129,12 @@ WORKLOADS = {w.name: w for w in [
              input_len=256),
     Workload("frontend8k", "frontend", "SGLang frontend program: 8K sgl.system + 128 questions (run_batch, 128 threads)",
              40, 8192),
+    # exact kinds: ``groups`` few-shot blocks (nested groups under the prompt) x ``per_group`` requests.
     Workload("exact", "exact", "exactness: 64 concurrent greedy requests, 4K prompt + 2 few-shot blocks, "
-             "32 tokens with top-5 logprobs", 25, 4096, fewshot_len=512, per_group=64, conc=64),
+             "32 tokens with top-5 logprobs", 25, 4096, fewshot_len=512, groups=2, per_group=32, conc=64),
+    Workload("exact_groups", "exact", "exactness, many nested groups: 64 concurrent greedy requests, 1K prompt "
+             "+ 16 few-shot blocks of 1K (17 groups), 32 tokens with top-5 logprobs", 25, 1024, fewshot_len=1024,
+             groups=16, per_group=4, conc=64),
     Workload("probe8k", "probe", "TTFT probe: 8K shared prompt, 128 req at once, per-stage timestamps "
              "(needs --server-args --enable-metrics)", 30, 8192),
     Workload("probe16k", "probe", "TTFT probe: 16K shared prompt, 128 req at once, per-stage timestamps "
@@ -147,9 +151,18 @@ PRESETS = {
     "extra": ["frontend8k", "nosh_c128"],
     "rate": ["rate8k"],
     "groups": ["gsp2k_32x4", "ctrl_c128"],
+    "exact_groups": ["exact_groups"],
 }
 PRESETS["all"] = [n for p in ("core", "more", "extra", "rate") for n in PRESETS[p]]
 DEFAULT_RATES = (4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+def exactness_key(workload: str, system: str) -> str:
+    """Result key of one exactness comparison against vanilla: ``exactness`` for relay on the
+    ``exact`` workload (the key older result files use), else ``exactness_<system>`` and/or
+    ``@<workload>`` suffixes (``exactness@exact_groups``, ``exactness_relay-fi``)."""
+    return ("exactness" + ("" if system == "relay" else f"_{system}")
+            + ("" if workload == "exact" else f"@{workload}"))
 
 
 def select_workloads(spec: str) -> list[Workload]:
@@ -197,7 +210,8 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
         vocab = json.loads(cfg.read_text())["vocab_size"] if cfg.exists() else 32000
         return [sys.executable, str(HERE / "exactness.py"), "collect", "--port", str(port),
                 "--n", str(w.num_requests), "--system-len", str(w.sys_len), "--fewshot-len", str(w.fewshot_len),
-                "--question-len", "64", "--vocab", str(vocab), "--max-new", "32", "--out", str(out_file)]
+                "--question-len", "64", "--vocab", str(vocab), "--max-new", "32", "--blocks", str(w.groups),
+                "--out", str(out_file)]
     if w.kind == "probe":
         return [sys.executable, str(HERE / "ttft_probe.py"), "--port", str(port), "--model-dir", model_dir,
                 "--system-len", str(w.sys_len), "--question-len", str(QUESTION_LEN),
@@ -636,16 +650,15 @@ class Driver:
             if rc != 0 or not out_file.exists():
                 self.fail(f"{tag}: exactness collection failed, rc={rc}")
             else:
-                self.results.setdefault("exact_raw", {})[system] = json.loads(out_file.read_text())
-                raw = self.results["exact_raw"]
+                raw = self.results.setdefault("exact_raw", {}).setdefault(w.name, {})
+                raw[system] = json.loads(out_file.read_text())
                 from exactness import compare
 
                 # Compare each system with vanilla once, when the later of the two has run.
                 others = [x for x in raw if x != "vanilla"] if system == "vanilla" else [system]
                 for other in others if "vanilla" in raw else []:
-                    # "exactness" is relay's; the other systems' go under "exactness_<system>".
-                    key = "exactness" if other == "relay" else f"exactness_{other}"
-                    self.results[key] = compare(raw["vanilla"], raw[other])
+                    key = exactness_key(w.name, other)
+                    self.results[key] = dict(compare(raw["vanilla"], raw[other]), workload=w.name, system=other)
                     self.log(f"{key}: {other} vs vanilla: {self.results[key]}")
             self.results["runs"].append(run)
             self.save()

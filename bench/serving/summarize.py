@@ -287,10 +287,15 @@ def markdown(calls: list[dict]) -> str:
             out.append(f"  - ERROR: {msg}")
         for msg in call.get("skipped", []):
             out.append(f"  - skipped: {msg}")
-        for system in ("relay",) + REFERENCES:
-            ex = call.get("exactness" if system == "relay" else f"exactness_{system}")
-            if ex:
-                out.append(f"  - exactness ({system} vs vanilla, greedy, same prompts): {ex['identical_greedy']}/"
+        for key in sorted(k for k in call if k.startswith("exactness")):
+            ex = call[key]
+            if not ex:
+                continue
+            # Keys: run_serving.exactness_key; files before session 10 lack "system"/"workload".
+            legacy = key.split("@")[0]
+            system = ex.get("system") or (legacy.split("_", 1)[1] if "_" in legacy else "relay")
+            what = f"{system} vs vanilla" + (f", {ex['workload']}" if ex.get("workload", "exact") != "exact" else "")
+            out.append(f"  - exactness ({what}, greedy, same prompts): {ex['identical_greedy']}/"
                            f"{ex['requests']} identical outputs, max |logprob diff| chosen "
                            f"{ex['max_abs_logprob_diff_chosen']:.3g}, top-k {ex['max_abs_logprob_diff_topk']:.3g}")
     out.append("")
