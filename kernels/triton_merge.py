@@ -38,7 +38,6 @@ def _merge_step(m, l, acc, lse, o):
 
 @triton.jit
 def _merge_parts_kernel(
-    # Pointers
     Part_O,  # [max_parts, num_q_heads, head_dim] fp32
     Part_Lse,  # [max_parts, num_q_heads] fp32, natural log
     Row_Part_Indptr,  # [max_bs+1] int32
@@ -46,7 +45,6 @@ def _merge_parts_kernel(
     O,  # [bs, num_q_heads, head_dim] output dtype (HAS_BASE: holds the base state's o on entry)
     Lse_Out,  # [max_bs, num_q_heads] fp32, natural log
     Base_Lse2,  # HAS_BASE: [max_bs, num_q_heads] fp32 base-2 LSE of the base state in O
-    # Strides
     stride_po_p,
     stride_po_h,
     stride_pl_p,
@@ -54,11 +52,11 @@ def _merge_parts_kernel(
     stride_o_h,
     stride_lse_bs,
     stride_bl_bs,
-    # Meta
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # part slots folded per iteration (1: the plain loop)
     HAS_BASE: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -67,9 +65,9 @@ def _merge_parts_kernel(
     r64 = row.to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_P)
     mask_h = offs_h < NUM_Q_HEADS
     mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
-    # int64 loop bounds: p * stride_po_p (max_parts * num_q_heads * head_dim) can exceed 2**31.
     start = tl.load(Row_Part_Indptr + row).to(tl.int64)
     end = tl.load(Row_Part_Indptr + row + 1).to(tl.int64)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -77,17 +75,33 @@ def _merge_parts_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     mask_o = mask
     if HAS_BASE:
-        # A row with no part keeps o as it is: no load, no store of o (masks all false), so
-        # with no sharing this launch costs the indptr and LSE reads and the LSE store.
         mask_o = mask & (end > start)
-        # Base 2 -> natural log here: the one boundary of this path.
         base_lse = tl.load(Base_Lse2 + r64 * stride_bl_bs + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
         base_o = tl.load(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], mask=mask_o, other=0.0)
         m, l, acc = _merge_step(m, l, acc, base_lse, base_o.to(tl.float32))
-    for p in range(start, end):
-        lse = tl.load(Part_Lse + p * stride_pl_p + offs_h, mask=mask_h, other=float("-inf"))
-        o = tl.load(Part_O + p * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
-        m, l, acc = _merge_step(m, l, acc, lse, o)
+    if BLOCK_P == 1:
+        # Enough rows to fill the chip (or few parts per row): one slot per iteration.
+        for p in range(start, end):
+            lse = tl.load(Part_Lse + p * stride_pl_p + offs_h, mask=mask_h, other=float("-inf"))
+            o = tl.load(Part_O + p * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
+            m, l, acc = _merge_step(m, l, acc, lse, o)
+    else:
+        # BLOCK_P slots per iteration, loaded at once: a row's parts are independent loads, and a
+        # loop over single slots was a chain of dependent iterations (one load latency each).
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + offs_p  # [BLOCK_P]
+            live = p < end
+            lse = tl.load(Part_Lse + p[:, None] * stride_pl_p + offs_h[None, :],
+                          mask=live[:, None] & mask_h[None, :], other=float("-inf"))  # [BLOCK_P, BLOCK_H]
+            o = tl.load(Part_O + p[:, None, None] * stride_po_p + offs_h[None, :, None] * stride_po_h
+                        + offs_d[None, None, :], mask=live[:, None, None] & mask[None, :, :], other=0.0)
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)  # exp(-inf) = 0 while nothing was merged
+            w = tl.exp(lse - m_safe[None, :])  # [BLOCK_P, BLOCK_H], 0 for empty or missing parts
+            l = l * alpha + tl.sum(w, 0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+            m = m_new
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
@@ -96,8 +110,29 @@ def _merge_parts_kernel(
 
 
 def _block_h(num_q_heads: int, head_dim: int) -> int:
-    # ~4K fp32 accumulator elements per program.
     return max(1, min(triton.next_power_of_2(num_q_heads), 4096 // triton.next_power_of_2(head_dim)))
+
+
+def merge_parts_blocks(num_q_heads: int, head_dim: int, grid_rows: int, target_programs: int) -> tuple[int, int]:
+    """``(BLOCK_H, BLOCK_P)`` of :func:`launch_merge_parts`.
+
+    By default all heads of a row are in one program, one part slot per iteration
+    (``BLOCK_P = 1``). A grid ``[grid_rows, cdiv(num_q_heads, BLOCK_H)]`` of fewer than
+    ``target_programs / 4`` programs (a small batch: a long prefix is then split in many chunks
+    to fill the chip, so each row has a long chain of part slots) gets fewer heads per program,
+    halved (down to 1) until the grid has ``target_programs`` programs, and each iteration folds
+    ``BLOCK_P`` slots loaded at once (``BLOCK_P x BLOCK_H x head_dim`` up to 8K fp32 values: 32 KB
+    of registers over 4 warps). ``target_programs`` is the SM count. On the H100 (session 10,
+    ``bench/results/kernels-h100-s10-merge.md``) the folded loop took the server path's layer
+    time at 8 and 32 rows down by up to 20% (GQA-4 4K x 32: 0.070 -> 0.059 ms, 16K x 8: 0.073 ->
+    0.058), was neutral at 64 rows and 5-13% slower at 128 (few slots per row), hence the quarter."""
+    block_h = _block_h(num_q_heads, head_dim)
+    if 4 * grid_rows * triton.cdiv(num_q_heads, block_h) >= target_programs:
+        return block_h, 1
+    while block_h > 1 and grid_rows * triton.cdiv(num_q_heads, block_h) < target_programs:
+        block_h //= 2
+    block_p = max(2, min(16, 8192 // (block_h * triton.next_power_of_2(head_dim))))
+    return block_h, block_p
 
 
 def launch_merge_parts(
@@ -110,13 +145,15 @@ def launch_merge_parts(
     lse_out: torch.Tensor,
     grid_rows: int,
     base_lse2: torch.Tensor | None = None,
+    target_programs: int = 1,
 ) -> None:
     """Merge each row's part slots into ``o`` ``[bs, num_q_heads, head_dim]`` (written in full for
     ``row < num_rows[0]``) and ``lse_out`` ``[>=bs, num_q_heads]`` fp32 natural log.
 
     part_o ``[max_parts, num_q_heads, head_dim]`` fp32; part_lse ``[max_parts, num_q_heads]``;
     row_part_indptr ``[>=bs+1]`` int32; num_rows ``[1]`` int32 device; grid_rows: fixed grid rows
-    (>= live bs; the CUDA-graph capacity).
+    (>= live bs; the CUDA-graph capacity). target_programs: programs wanted in the grid (the SM
+    count); smaller batches get fewer heads per program (:func:`merge_parts_blocks`).
 
     base_lse2: ``[>=bs, num_q_heads]`` fp32 **base-2** LSE of a base state that ``o`` already holds
     (FlashInfer's decode output over each row's suffix). The row's parts are merged on top of it,
@@ -125,7 +162,7 @@ def launch_merge_parts(
     num_q_heads, head_dim = o.shape[1], o.shape[2]
     assert o.stride(2) == 1 and part_o.stride(2) == 1 and part_lse.stride(1) == 1 and lse_out.stride(1) == 1
     assert base_lse2 is None or base_lse2.stride(1) == 1
-    block_h = _block_h(num_q_heads, head_dim)
+    block_h, block_p = merge_parts_blocks(num_q_heads, head_dim, max(1, grid_rows), target_programs)
     grid = (max(1, grid_rows), triton.cdiv(num_q_heads, block_h))
     has_base = base_lse2 is not None
     bl = base_lse2 if has_base else lse_out  # unused pointer when not HAS_BASE
@@ -134,7 +171,7 @@ def launch_merge_parts(
         part_o.stride(0), part_o.stride(1), part_lse.stride(0), o.stride(0), o.stride(1), lse_out.stride(0),
         bl.stride(0),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        HAS_BASE=has_base, num_warps=4,
+        BLOCK_P=block_p, HAS_BASE=has_base, num_warps=4,
     )
 
 

@@ -349,7 +349,7 @@ class TritonRelayDecode:
         launch_merge_parts(
             part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
             num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
-            base_lse2=base_lse2,
+            base_lse2=base_lse2, target_programs=self.num_sms,
         )
         return o
 

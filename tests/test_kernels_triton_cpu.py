@@ -151,6 +151,52 @@ def test_merge_two_empty_states():
     assert torch.allclose(o[1], part_o[2]) and torch.allclose(lse[1], part_lse[2])
 
 
+@pytest.mark.parametrize("target_programs", [1, 1000])
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("hq,d", [(4, 64), (32, 128), (6, 96)])
+def test_merge_parts_many_slots_against_float64(hq, d, with_base, target_programs):
+    """Rows with 0, 1, 17 and 40 part slots, some parts empty or partly empty, a large LSE
+    spread; target_programs=1 takes the one-slot loop, 1000 the folded one (one head per program,
+    more than one BLOCK_P fold per row).
+    Against ``reference.merge_states`` in float64, with and without a base state in ``o``."""
+    from relay_radix.kernels.triton_merge import merge_parts_blocks
+    from relay_radix.reference import merge_states
+
+    g = torch.Generator().manual_seed(hq * d + with_base)
+    counts = [0, 1, 17, 40]
+    indptr = torch.tensor([0] + list(np.cumsum(counts)), dtype=torch.int32)
+    n = int(indptr[-1])
+    part_o = torch.randn(n, hq, d, generator=g)
+    part_lse = torch.randn(n, hq, generator=g) * 20
+    part_lse[5] = float("-inf")  # an empty part
+    part_lse[30, : hq // 2] = float("-inf")  # empty for some heads
+    bs = len(counts)
+    base_o = torch.randn(bs, hq, d, generator=g)
+    base_lse2 = torch.randn(bs, hq, generator=g) * 20
+    o = base_o.clone() if with_base else torch.full((bs, hq, d), float("nan"))
+    lse = torch.full((bs, hq), float("nan"))
+    launch_merge_parts(part_o=part_o, part_lse=part_lse, row_part_indptr=indptr,
+                       num_rows=torch.tensor([bs], dtype=torch.int32), o=o, lse_out=lse, grid_rows=bs,
+                       base_lse2=base_lse2 if with_base else None, target_programs=target_programs)
+    block_h, block_p = merge_parts_blocks(hq, d, bs, target_programs)
+    # target 1: the plain loop over all heads; target 1000: one head per program, folded slots.
+    assert (block_h == 1) == (block_p > 1) == (target_programs == 1000) and block_p <= 16
+    for r in range(bs):
+        s0, s1 = int(indptr[r]), int(indptr[r + 1])
+        po, pl = part_o[s0:s1].double(), part_lse[s0:s1].double()
+        if with_base:
+            po = torch.cat([base_o[r : r + 1].double(), po])
+            pl = torch.cat([base_lse2[r : r + 1].double() * np.log(2.0), pl])
+        if with_base and s1 == s0:  # no part: o is left as it was, bit for bit
+            assert torch.equal(o[r], base_o[r])
+        elif pl.shape[0] == 0:
+            assert torch.equal(o[r], torch.zeros(hq, d)) and torch.isneginf(lse[r]).all()
+            continue
+        ref_o, ref_lse = merge_states(po, pl)
+        assert (o[r].double() - ref_o).abs().max().item() < 1e-5
+        assert (lse[r].double() - ref_lse).abs().max().item() < 1e-4
+
+
 def test_int64_offsets(tmp_path):
     # slot * num_kv_heads * head_dim > 2**31 elements: a sparse memory-mapped KV pool (only the
     # touched pages exist) with the live slots at its top. int32 offsets would wrap around.

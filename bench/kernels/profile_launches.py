@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from bench.kernels.run import KERNELS, make_workload  # noqa: E402
+from bench.kernels.run import KERNELS, make_workload, timing_configs  # noqa: E402
 
 CONFIGS = {
     "llama3-8b P=8192 B=128 prefix only": dict(hq=32, hkv=8, d=128, bs=128, groups_spec=[[(0, 128, 8192)]],
@@ -72,10 +72,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--kernels", default="fi_decode,relay_triton,relay_hybrid_stream,relay_fi,relay_fi_fa3")
-    ap.add_argument("--configs", default=None, help="regex: only the configs whose name matches")
+    ap.add_argument("--configs", default=None,
+                    help="regex over these configs and the kernel table's (bench/kernels/run.py timing_configs)")
     args = ap.parse_args()
     res = dict(device=torch.cuda.get_device_name(), configs={})
-    for name, spec in CONFIGS.items():
+    # With --configs, the kernel table's configs (bench/kernels/run.py) can be picked as well.
+    configs = {**dict(timing_configs(quick=False)), **CONFIGS} if args.configs else CONFIGS
+    for name, spec in configs.items():
         if args.configs and not re.search(args.configs, name):
             continue
         w = make_workload(**spec)
