@@ -65,7 +65,6 @@ def _merge_parts_kernel(
     r64 = row.to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_P)
     mask_h = offs_h < NUM_Q_HEADS
     mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
     start = tl.load(Row_Part_Indptr + row).to(tl.int64)
@@ -88,6 +87,7 @@ def _merge_parts_kernel(
     else:
         # BLOCK_P slots per iteration, loaded at once: a row's parts are independent loads, and a
         # loop over single slots was a chain of dependent iterations (one load latency each).
+        offs_p = tl.arange(0, BLOCK_P)
         for p0 in range(start, end, BLOCK_P):
             p = p0 + offs_p  # [BLOCK_P]
             live = p < end

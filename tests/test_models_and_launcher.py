@@ -723,3 +723,12 @@ def test_decode_timeline_splits_ramp_from_steady_decode():
     # a ran 10 ms steps then the 110 ms gap up to 220 ms, then 8 more steps to 300 ms: 10 tokens in the ramp.
     assert r["median_in_ramp_tokens"] == pytest.approx((10 + 0) / 2)
     assert sum(r["tokens_per_bin"]) == 80
+
+
+def test_exactness_keys_round_trip():
+    """summarize.py reads the workload and system back from the result key run_serving writes."""
+    for w in (w for w in run_serving.WORKLOADS.values() if w.kind == "exact"):
+        for system in run_serving.SYSTEMS:
+            key = run_serving.exactness_key(w.name, system)
+            assert run_serving.exactness_key_parts(key) == (w.name, system)
+    assert run_serving.exactness_key("exact", "relay") == "exactness"  # the key of older files

@@ -165,6 +165,13 @@ def exactness_key(workload: str, system: str) -> str:
             + ("" if workload == "exact" else f"@{workload}"))
 
 
+def exactness_key_parts(key: str) -> tuple[str, str]:
+    """``(workload, system)`` of a key :func:`exactness_key` made (files of every session)."""
+    head, _, workload = key.partition("@")
+    _, _, system = head.partition("_")
+    return workload or "exact", system or "relay"
+
+
 def select_workloads(spec: str) -> list[Workload]:
     """``core,nested_c128`` -> workloads (presets expanded, order kept, duplicates dropped)."""
     names: list[str] = []
@@ -658,7 +665,7 @@ class Driver:
                 others = [x for x in raw if x != "vanilla"] if system == "vanilla" else [system]
                 for other in others if "vanilla" in raw else []:
                     key = exactness_key(w.name, other)
-                    self.results[key] = dict(compare(raw["vanilla"], raw[other]), workload=w.name, system=other)
+                    self.results[key] = compare(raw["vanilla"], raw[other])
                     self.log(f"{key}: {other} vs vanilla: {self.results[key]}")
             self.results["runs"].append(run)
             self.save()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from run_serving import SYSTEMS as ALL_SYSTEMS  # noqa: E402  (stdlib-only module)
-from run_serving import WORKLOADS, check_input_tokens  # noqa: E402
+from run_serving import WORKLOADS, check_input_tokens, exactness_key_parts  # noqa: E402
 
 SYSTEMS = ("relay", "vanilla")  # the twins of the main table
 REFERENCES = tuple(s for s in ALL_SYSTEMS if s not in SYSTEMS)
@@ -291,10 +291,8 @@ def markdown(calls: list[dict]) -> str:
             ex = call[key]
             if not ex:
                 continue
-            # Keys: run_serving.exactness_key; files before session 10 lack "system"/"workload".
-            legacy = key.split("@")[0]
-            system = ex.get("system") or (legacy.split("_", 1)[1] if "_" in legacy else "relay")
-            what = f"{system} vs vanilla" + (f", {ex['workload']}" if ex.get("workload", "exact") != "exact" else "")
+            workload, system = exactness_key_parts(key)
+            what = f"{system} vs vanilla" + ("" if workload == "exact" else f", {workload}")
             out.append(f"  - exactness ({what}, greedy, same prompts): {ex['identical_greedy']}/"
                            f"{ex['requests']} identical outputs, max |logprob diff| chosen "
                            f"{ex['max_abs_logprob_diff_chosen']:.3g}, top-k {ex['max_abs_logprob_diff_topk']:.3g}")
