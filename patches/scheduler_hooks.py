@@ -73,13 +73,25 @@ def after_scheduler_init(result, self, *args, **kwargs):
             "or pass --radix-cache-backend relay")
     backend.attach(manager)
     self._relay_backend = backend
+    if backend._graph_kernel is not None and backend.suffix is not None and backend.config.plain_graphs \
+            and not backend.plain_graphs:
+        logger.warning(
+            "relay-radix: decode graphs were captured without their plain twins (the hook on SGLang's "
+            "DecodeCudaGraphRunner._capture_one_stream did not run: see the plugin log above); decode steps "
+            "with no relay group replay the relay graph, whose empty prefix and merge launches cost ~5 us "
+            "per layer over vanilla")
     if manager.config.sort_free_slots:
-        from relay_radix.kv_slots import keep_free_slots_sorted
+        from relay_radix.kv_slots import keep_free_slots_sorted, prefer_consecutive_slots
 
         allocator = getattr(self, "token_to_kv_pool_allocator", None)
         if allocator is not None and keep_free_slots_sorted(allocator):
             logger.info("relay-radix: KV free slots kept sorted (consecutive prefix slots -> TMA prefix loads; "
                         "RELAY_RADIX_SORT_FREE_SLOTS=0 to turn off)")
+            # A decode step allocates one slot per running request: keep those on SGLang's path.
+            min_run = manager.config.consecutive_alloc
+            if min_run and prefer_consecutive_slots(allocator, max(min_run, int(getattr(self, "max_running_requests", 0) or 0) + 1)):
+                logger.info("relay-radix: allocations of >= %d KV slots take the first consecutive free run "
+                            "(RELAY_RADIX_CONSECUTIVE_ALLOC=0 to turn off)", allocator.relay_consecutive_min)
         else:
             logger.warning(
                 "relay-radix: the KV allocator (%s) has no sorted-free-list switch; prefixes prefilled after "
@@ -151,3 +163,6 @@ def register_hooks() -> None:
                           after_scheduler_init, HookType.AFTER)
     HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch",
                           before_run_batch, HookType.BEFORE)
+    from relay_radix.patches import cuda_graph
+
+    cuda_graph.register(HookRegistry, HookType)

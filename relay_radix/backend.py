@@ -14,6 +14,12 @@ on FlashInfer's decode wrappers of the wrapped backend (``relay_radix.suffix_dec
 kernel vanilla decode runs), and the Triton kernel merges the groups' prefix parts into that
 state; ``RELAY_RADIX_SUFFIX=triton`` runs them in the Triton kernel instead. On CPU, decode
 runs the pure-torch reference (``relay_radix.reference``).
+
+A step with no relay group runs the *plain* path: the FlashInfer suffix decode over whole
+sequences writes the output itself, with no prefix launch and no merge, i.e. vanilla's decode.
+Eager steps choose it per step; under CUDA graphs the decode runner captures a second, plain
+graph per batch size (``relay_radix.patches.cuda_graph``) and replays it for such steps, because
+a captured relay graph replays its prefix and merge launches even when they have no work.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ class RelayAttnBackend(AttentionBackend):
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
         self.slot_breaks = SlotBreakCounter()  # prefix slot-run breaks (TMA vs gather loop), no sync
+        # Plain steps (no group: suffix decode only). ``plain_graphs``: the decode runner captured
+        # a plain graph per batch size next to the relay one (set by relay_radix.patches.cuda_graph);
+        # ``step_is_plain``: the step being run (or captured) takes the plain path.
+        self.plain_graphs = False
+        self.step_is_plain = False
         self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata), reuse count
 
     # ---- wiring ----------------------------------------------------------------------------
@@ -148,6 +159,11 @@ class RelayAttnBackend(AttentionBackend):
         """Decode steps (outside capture) that reused the kernel's prefix plan."""
         return self.host.total[3]
 
+    @property
+    def plain_steps(self) -> int:
+        """Decode steps (outside capture) that took the plain path (no group)."""
+        return self.host.total[4]
+
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode():
             self._plan_decode(forward_batch, in_capture=False, graph=False)
@@ -195,14 +211,33 @@ class RelayAttnBackend(AttentionBackend):
         if not fb.forward_mode.is_decode():
             return self.base.init_forward_metadata_out_graph(fb, in_capture)
         if in_capture and self.suffix is not None:
-            self.suffix.prepare_capture(fb)  # the base backend's graph wrappers for this bs
+            from relay_radix.patches.cuda_graph import capturing_plain_graph
+
+            # The base backend's graph wrappers for this bs. The plain graph of a bs is captured
+            # right after its relay graph and decodes on the same wrappers (one plan per step
+            # serves whichever graph replays), so they are made once.
+            if not (capturing_plain_graph() and fb.batch_size in self.suffix.graph_batch_sizes()):
+                self.suffix.prepare_capture(fb)
         self._plan_decode(fb, in_capture=in_capture, graph=True)
 
     def _plan_decode(self, fb, *, in_capture: bool, graph: bool):
         t0 = time.perf_counter()
         reused = self._decode_metadata(fb, in_capture=in_capture, graph=graph)
         if not in_capture:
-            self.host.add_backend(time.perf_counter() - t0, reused)
+            self.host.add_backend(time.perf_counter() - t0, reused, self.step_is_plain)
+
+    def _takes_plain_path(self, plan: DecodeRelayPlan, *, in_capture: bool, graph: bool) -> bool:
+        """Whether this step decodes plainly (suffix decode over whole sequences, no relay
+        launch). Needs FlashInfer suffixes (the Triton suffix launch lives in the relay kernel).
+        Capture: the graph variant being captured decides. Replay: a step with no group, when
+        plain graphs were captured. Eager: any step with no group."""
+        if self.suffix is None:
+            return False
+        if in_capture:
+            from relay_radix.patches.cuda_graph import capturing_plain_graph
+
+            return capturing_plain_graph()
+        return plan.num_groups == 0 and (self.plain_graphs or not graph)
 
     def _decode_metadata(self, fb, *, in_capture: bool, graph: bool) -> bool:
         """Metadata of one decode step (suffix plan, prefix slot lists, work lists); returns
@@ -219,11 +254,16 @@ class RelayAttnBackend(AttentionBackend):
                                f"static capacity RELAY_RADIX_MAX_GROUPS={self.config.max_groups}")
         prefix_lens = plan.prefix_lens.to(torch.int64)
         kernel = self._kernel = self._kernel_for(bs, graph=graph, in_capture=in_capture)
+        self.step_is_plain = kernel is not None and self._takes_plain_path(plan, in_capture=in_capture, graph=graph)
         key = None
         if kernel is not None and self.suffix is not None:
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
             assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
             self.suffix.plan(fb, suffix_start, suffix_lens, graph=graph)
+            if self.step_is_plain:
+                # No prefix plan: the relay kernel does not run, and its static buffers keep the
+                # plan (and ``_relay_plan_key``) of the last relay step, which stay valid.
+                return False
             suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
             if self.config.plan_reuse:
                 # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its
@@ -277,6 +317,9 @@ class RelayAttnBackend(AttentionBackend):
         if self._kernel is None:
             o, _ = relay_decode_attention(
                 q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
+        elif self.step_is_plain:
+            o = q3.new_empty((q3.shape[0], hq, dv))
+            self.suffix.run(q3, layer, o, None)  # whole sequences: vanilla's FlashInfer decode
         else:
             o = q3.new_empty((q3.shape[0], hq, dv))
             lse2 = suffix_state = None
@@ -300,16 +343,18 @@ class HostTime:
     mark and gets the change since its last read (:meth:`since`)."""
 
     def __init__(self) -> None:
-        self.total = [0.0, 0.0, 0, 0]  # hook s, metadata s, decode steps, steps that reused the prefix plan
+        # hook s, metadata s, decode steps, steps that reused the prefix plan, plain steps (no group)
+        self.total = [0.0, 0.0, 0, 0, 0]
 
     def add_hook(self, seconds: float) -> None:
         self.total[0] += seconds
 
-    def add_backend(self, seconds: float, reused: bool) -> None:
+    def add_backend(self, seconds: float, reused: bool, plain: bool = False) -> None:
         t = self.total
         t[1] += seconds
         t[2] += 1
         t[3] += int(reused)
+        t[4] += int(plain)
 
     def since(self, mark: list) -> tuple:
         """Change of the totals since ``mark`` (a reader's list, updated in place)."""

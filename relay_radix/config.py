@@ -20,6 +20,8 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2`` and the others measured by ``bench/kernels/run.py --variants`` were slower on the serving shapes; ``bench/results/kernels-h100-s6-variants.md``) |
 | ``RELAY_RADIX_SLOT_RUNS`` | 1 | Triton prefix launch: a chunk of a shared prefix whose KV slots are one consecutive run (a prompt prefilled in one piece from SGLang's sorted free list) is read by TMA instead of per-row gathers (Hopper and newer; other chunks are gathered); 0 gathers every chunk |
 | ``RELAY_RADIX_SORT_FREE_SLOTS`` | 1 | SGLang's token allocator re-sorts its free slots when its free list runs short (its own ``need_sort``), so prompts prefilled after the pool's first pass still get consecutive slots (``relay_radix.kv_slots.keep_free_slots_sorted``); 0 leaves the allocator as SGLang made it |
+| ``RELAY_RADIX_PLAIN_GRAPHS`` | 1 | decode CUDA graphs are captured twice per batch size: the relay graph, and a plain one (FlashInfer decode over whole sequences, vanilla's kernel) replayed for steps with no relay group (``relay_radix.patches.cuda_graph``; FlashInfer suffixes only); 0 captures the relay graph only |
+| ``RELAY_RADIX_CONSECUTIVE_ALLOC`` | 1024 | allocations of at least this many KV slots (prefill chunks of long prompts; never a decode step, whose allocation is one slot per running request: the bound is raised above ``--max-running-requests``) take the first run of consecutive free slots, so a long prompt prefilled into a fragmented pool is still read by TMA (``relay_radix.kv_slots.prefer_consecutive_slots``; needs ``RELAY_RADIX_SORT_FREE_SLOTS``); 0 turns it off |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
@@ -57,8 +59,10 @@ class RelayConfig:
     suffix: str | None = None  # None: flashinfer when the base backend is flashinfer
     plan_reuse: bool = True
     prefix_stream: bool = True
+    plain_graphs: bool = True
     slot_runs: bool = True
     sort_free_slots: bool = True
+    consecutive_alloc: int = 1024  # min slots of an allocation that looks for a consecutive run (0: off)
     prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
 
     def __post_init__(self):
@@ -76,6 +80,8 @@ class RelayConfig:
             raise ValueError("min_prefix_tokens must be >= 1 (RELAY_RADIX_MIN_PREFIX_TOKENS)")
         if self.max_levels < 1:
             raise ValueError("max_levels must be >= 1 (RELAY_RADIX_MAX_LEVELS)")
+        if self.consecutive_alloc < 0:
+            raise ValueError("RELAY_RADIX_CONSECUTIVE_ALLOC must be >= 0 (0 turns it off)")
         if self.max_groups < 1:
             raise ValueError("max_groups must be >= 1 (RELAY_RADIX_MAX_GROUPS)")
         if self.suffix is not None and self.suffix not in SUFFIX_CHOICES:
@@ -127,7 +133,9 @@ class RelayConfig:
             suffix=os.environ.get("RELAY_RADIX_SUFFIX") or None,
             plan_reuse=_env_int("RELAY_RADIX_PLAN_REUSE", 1) != 0,
             prefix_stream=_env_int("RELAY_RADIX_PREFIX_STREAM", 1) != 0,
+            plain_graphs=_env_int("RELAY_RADIX_PLAIN_GRAPHS", 1) != 0,
             slot_runs=_env_int("RELAY_RADIX_SLOT_RUNS", 1) != 0,
             sort_free_slots=_env_int("RELAY_RADIX_SORT_FREE_SLOTS", 1) != 0,
+            consecutive_alloc=_env_int("RELAY_RADIX_CONSECUTIVE_ALLOC", 1024),
             prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
         )

@@ -30,6 +30,7 @@ RELAY_FLAGS = {
     "--relay-max-groups": ("RELAY_RADIX_MAX_GROUPS", None),
     "--relay-base-backend": ("RELAY_RADIX_BASE_BACKEND", None),
     "--relay-suffix": ("RELAY_RADIX_SUFFIX", ("flashinfer", "triton")),
+    "--relay-plain-graphs": ("RELAY_RADIX_PLAIN_GRAPHS", ("0", "1")),
 }
 _INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
@@ -49,6 +50,8 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
                                        (default flashinfer on CUDA)
   --relay-suffix {flashinfer,triton}   RELAY_RADIX_SUFFIX: kernel for each request's own
                                        suffix (default flashinfer: SGLang's decode wrappers)
+  --relay-plain-graphs {0,1}           RELAY_RADIX_PLAIN_GRAPHS: a plain decode graph per batch
+                                       size for steps with no group (default 1)
 
 Front end: with bursts of long text prompts, add SGLang's --enable-dynamic-batch-tokenizer
 (the launcher reminds you at start when neither it nor --tokenizer-worker-num > 1 is given).

@@ -2,7 +2,7 @@
 
 * Log: a ``logging.Filter`` on SGLang's metrics-reporter logger appends
   ``relay: groups G, members M, shared T tok, KV read R/V GB (-x%), host H ms/step (hook A,
-  metadata B, plan reuse P%), prefix slot breaks S, plan digest D`` to every ``Decode batch ...``
+  metadata B, plan reuse P%), plain decode Q%, prefix slot breaks S, plan digest D`` to every ``Decode batch ...``
   line (SGLang builds that line inside ``report_decode_stats``; the filter extends it without
   touching SGLang's code). Host figures are means over the decode steps since the previous
   line. D is the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
@@ -43,14 +43,16 @@ def format_digest(digest: bytes | None) -> str:
     return f"plan digest {digest.hex()[:8]}" if digest else "plan digest none"
 
 
-def format_host(hook_s: float, metadata_s: float, steps: int, reused: int) -> str:
-    """``host H ms/step (hook A, metadata B, plan reuse P%)``: relay's mean host time per
-    decode step over an interval (``HostTime.since``)."""
+def format_host(hook_s: float, metadata_s: float, steps: int, reused: int, plain: int = 0) -> str:
+    """``host H ms/step (hook A, metadata B, plan reuse P%), plain decode Q%``: relay's mean host
+    time per decode step over an interval (``HostTime.since``), and the share of those steps
+    that had no group and decoded plainly (vanilla's decode kernel alone)."""
     if steps <= 0:
         return "host: no decode step"
     per = 1e3 / steps
     return (f"host {(hook_s + metadata_s) * per:.3f} ms/step (hook {hook_s * per:.3f}, "
-            f"metadata {metadata_s * per:.3f}, plan reuse {100 * reused / steps:.0f}%)")
+            f"metadata {metadata_s * per:.3f}, plan reuse {100 * reused / steps:.0f}%), "
+            f"plain decode {100 * plain / steps:.0f}%")
 
 
 class DecodeLogFilter(logging.Filter):
@@ -65,7 +67,7 @@ class DecodeLogFilter(logging.Filter):
         self.host = host
         self.slot_breaks = slot_breaks  # SlotBreakCounter | None
         self.unplanned_source = unplanned_source  # callable -> decode steps run without a plan so far
-        self._host_mark = [0.0, 0.0, 0, 0]
+        self._host_mark = [0.0, 0.0, 0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg.startswith("Decode batch"):
@@ -121,7 +123,9 @@ class RelayPrometheus:
                                     labelnames=names)
         self.plans_reused = Counter("sglang:relay_plans_reused", "Decode steps that reused the last prefix plan",
                                     labelnames=names)
-        self._host_mark = [0.0, 0.0, 0, 0]
+        self.plain_steps = Counter("sglang:relay_plain_decode_steps", "Decode steps with no relay group, run "
+                                   "plainly (vanilla's decode kernel, no relay launch)", labelnames=names)
+        self._host_mark = [0.0, 0.0, 0, 0, 0]
 
     def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0) -> None:
         """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
@@ -138,11 +142,12 @@ class RelayPrometheus:
         self.kv_bytes_relay.labels(**lb).inc(s.kv_bytes_relay)
         self.kv_bytes_vanilla.labels(**lb).inc(s.kv_bytes_vanilla)
         if host is not None:
-            hook_s, metadata_s, steps, reused = host.since(self._host_mark)
+            hook_s, metadata_s, steps, reused, plain = host.since(self._host_mark)
             self.host_seconds.labels(**lb, part="hook").inc(hook_s)
             self.host_seconds.labels(**lb, part="metadata").inc(metadata_s)
             self.decode_steps.labels(**lb).inc(steps)
             self.plans_reused.labels(**lb).inc(reused)
+            self.plain_steps.labels(**lb).inc(plain)
 
 
 def make_prometheus(tp_rank: int) -> RelayPrometheus | None:

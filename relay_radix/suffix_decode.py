@@ -48,6 +48,10 @@ class FlashInferSuffixDecode:
         its graph wrappers for that size; ``plan`` re-plans them over the suffixes."""
         self.base.init_forward_metadata_out_graph(fb, in_capture=True)
 
+    def graph_batch_sizes(self):
+        """Batch sizes whose graph wrappers the base backend has made (at their capture)."""
+        return self.base.decode_cuda_graph_metadata.keys()
+
     def plan(self, fb, suffix_start_cpu: torch.Tensor, suffix_lens_cpu: torch.Tensor, *, graph: bool) -> None:
         """Plan row ``r``'s suffix ``[suffix_start[r], seq_len[r])`` for this step.
 
@@ -70,9 +74,10 @@ class FlashInferSuffixDecode:
         )
         self.wrapper = wrapper
 
-    def run(self, q: torch.Tensor, layer, out: torch.Tensor, lse2: torch.Tensor) -> None:
-        """q ``[bs, num_q_heads, head_dim]``; writes ``out`` (same shape, q's dtype) and ``lse2``
-        ``[bs, num_q_heads]`` fp32 base 2."""
+    def run(self, q: torch.Tensor, layer, out: torch.Tensor, lse2: torch.Tensor | None) -> None:
+        """q ``[bs, num_q_heads, head_dim]``; writes ``out`` (same shape, q's dtype) and, unless
+        None (a plain step: ``out`` is the attention output), ``lse2`` ``[bs, num_q_heads]`` fp32
+        base 2."""
         w = self.wrapper
         # The per-layer scalars live on the wrapper: set them as FlashInfer's own forward()
         # (the call SGLang's backend makes) does before run(), which alone takes out/lse.
@@ -82,5 +87,5 @@ class FlashInferSuffixDecode:
         w._sm_scale = layer.scaling
         w._rope_scale = w._rope_theta = None
         kv = self.base.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        w.run(q, kv, out=out, lse=lse2, return_lse=True,
+        w.run(q, kv, out=out, lse=lse2, return_lse=lse2 is not None,
               k_scale=getattr(layer, "k_scale_float", None), v_scale=getattr(layer, "v_scale_float", None))

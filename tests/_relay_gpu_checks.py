@@ -54,10 +54,12 @@ class HybridRelay:
     ``TritonRelayDecode(external_suffix=True)`` merges the groups' prefix parts on top.
     Same plan/run interface as ``FlashInferRelayDecode`` (suffixes must be non-empty).
     ``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode
-    (``RELAY_RADIX_PREFIX_STREAM``)."""
+    (``RELAY_RADIX_PREFIX_STREAM``). ``plain``: a plan with no group decodes plainly, the
+    FlashInfer decode writing ``o`` alone, as the server's plain graph does
+    (``RELAY_RADIX_PLAIN_GRAPHS``, ``relay_radix.patches.cuda_graph``)."""
 
     def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, prefix_stream: bool = False,
-                 prefix: str = "triton", **cap):
+                 prefix: str = "triton", plain: bool = False, **cap):
         import flashinfer
 
         from relay_radix.kernels import FlashInferRelayDecode, TritonRelayDecode
@@ -72,6 +74,8 @@ class HybridRelay:
         self.dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hkv >= 4)
         self.lse2 = torch.empty((cap["max_bs"], hq), dtype=torch.float32, device="cuda")
         self.bs = 0
+        self.plain = plain
+        self.step_is_plain = False
 
     def plan(self, *, suffix_kv_indices, suffix_lens_cpu, sm_scale, **kw):
         lens = suffix_lens_cpu.long().cpu()
@@ -81,11 +85,15 @@ class HybridRelay:
         hq, hkv, d = self.shape
         self.dec.plan(indptr, suffix_kv_indices.to(torch.int32), torch.ones(lens.numel(), dtype=torch.int32),
                       hq, hkv, d, 1, q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=sm_scale)
-        self.tri.plan(suffix_kv_indices=None, suffix_lens_cpu=lens, **kw)
         self.bs = lens.numel()
+        self.step_is_plain = self.plain and kw["prefix_lens_cpu"].numel() == 0
+        if not self.step_is_plain:
+            self.tri.plan(suffix_kv_indices=None, suffix_lens_cpu=lens, **kw)
 
     def run(self, q, k, v, o, *, sm_scale):
         n = self.bs
+        if self.step_is_plain:
+            return self.dec.run(q[:n], (k.unsqueeze(1), v.unsqueeze(1)), out=o[:n])
 
         def suffix_state():
             self.dec.run(q[:n], (k.unsqueeze(1), v.unsqueeze(1)), out=o[:n], lse=self.lse2[:n], return_lse=True)
@@ -110,6 +118,11 @@ TRITON_VARIANTS = {
 }
 
 
+# FlashInfer suffix + merged prefix parts (hybrid_plain: hybrid_stream that decodes a plan with no
+# group plainly, as the server's plain graph does).
+HYBRID_PATHS = ("hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain")
+
+
 def make_wrapper(path: str, case, *, graph: bool = False, **cap):
     hq, d = case.q.shape[1], case.q.shape[2]
     hkv = case.k.shape[1]
@@ -118,9 +131,10 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
         from relay_radix.kernels import TritonRelayDecode
 
         return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **TRITON_VARIANTS[path], **cap)
-    if path in ("hybrid", "hybrid_stream", "hybrid_fi"):
-        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path == "hybrid_stream",
-                           prefix="flashinfer" if path == "hybrid_fi" else "triton", **cap)
+    if path in HYBRID_PATHS:
+        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path in ("hybrid_stream", "hybrid_plain"),
+                           prefix="flashinfer" if path == "hybrid_fi" else "triton", plain=path == "hybrid_plain",
+                           **cap)
     from relay_radix.kernels import FlashInferRelayDecode
 
     return FlashInferRelayDecode(hq, hkv, d, case.q.dtype, "cuda", use_cuda_graph=graph, **cap)
@@ -128,7 +142,7 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
 
 def _plan(path, w, case):
     kw = plan_kwargs(case)
-    if path in ("flashinfer", "hybrid", "hybrid_stream", "hybrid_fi"):
+    if path == "flashinfer" or path in HYBRID_PATHS:
         kw["sm_scale"] = case.sm_scale
     w.plan(**kw)
 

@@ -143,6 +143,15 @@ class ReferenceSuffixDecode:
 
     def __init__(self, backend):
         self.backend = backend
+        self.captured_sizes = set()  # batch sizes whose "graph wrappers" prepare_capture made
+        self.prepared = 0
+
+    def prepare_capture(self, fb):
+        self.captured_sizes.add(fb.batch_size)
+        self.prepared += 1
+
+    def graph_batch_sizes(self):
+        return self.captured_sizes
 
     def plan(self, fb, suffix_start_cpu, suffix_lens_cpu, *, graph):
         from relay_radix.kv_slots import gather_ranges
@@ -166,7 +175,8 @@ class ReferenceSuffixDecode:
             member_rows=empty[:0], suffix_kv_indptr=self.indptr, suffix_kv_indices=self.idx,
             sm_scale=layer.scaling)
         out.copy_(o)
-        lse2.copy_(lse / math.log(2.0))
+        if lse2 is not None:
+            lse2.copy_(lse / math.log(2.0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; the GPU runs the real kernels")
@@ -217,6 +227,113 @@ def test_plan_reuse_with_the_triton_kernel_and_external_suffix(reuse, tile):
         assert relay.plans_reused == 0
     for r in list(s.running):
         s.finish(r)
+
+
+def _external_suffix_backends(cfg, **sched_kw):
+    """MiniScheduler + backends with the server's CUDA structure on the CPU: the Triton relay
+    kernel (interpreter) merging onto an external suffix state (``ReferenceSuffixDecode``)."""
+    s = MiniScheduler(relay_config=cfg, **sched_kw)
+    runner, relay, native = make_backends(s)
+    relay.config = cfg
+    relay.suffix = ReferenceSuffixDecode(relay)
+    kernel = relay._make_kernel(16)
+    relay._kernel_for = lambda bs, **_: kernel
+    return s, runner, relay, native
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; the GPU runs the real kernels")
+def test_plain_steps_and_the_graph_variant_they_replay():
+    """Steps with no relay group decode plainly (the suffix decode over whole sequences writes
+    the output; no relay launch), eagerly and, when plain graphs were captured, at replay, where
+    SGLang's decode runner asks ``_resolve_lora_variant`` (relay's hook) which graph to replay.
+    Outputs equal torch_native on every path; steps with groups keep the relay graph."""
+    from relay_radix.patches.cuda_graph import PLAIN_GRAPH, RELAY_GRAPH, around_resolve_lora_variant
+
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, gate=False)
+    s, runner, relay, native = _external_suffix_backends(cfg, num_q_heads=4, num_kv_heads=2, head_dim=32)
+    attn_layers = layers(s)[:2]
+    gen = torch.Generator().manual_seed(5)
+    graph_runner = types.SimpleNamespace(_relay_plain_backend=relay)
+    sglang_labels = lambda _runner, _fb: "sglang's own"  # noqa: E731  (the wrapped original)
+
+    def step(mode):
+        batch = s.decode_batch()
+        before_run_batch(types.SimpleNamespace(_relay_backend=relay), batch)
+        fb = forward_batch(s, batch, runner)
+        if mode == "eager":
+            relay.init_forward_metadata(fb)
+        else:  # what DecodeCudaGraphRunner.load_batch calls before it picks the graph
+            relay.init_forward_metadata_out_graph(fb)
+        native.init_forward_metadata(fb)
+        label = around_resolve_lora_variant(sglang_labels, graph_runner, fb)
+        bs, hq, hkv, d = len(batch.reqs), s.num_q_heads, s.num_kv_heads, s.head_dim
+        for layer in attn_layers:
+            q, k, v = (torch.randn(bs, hq * d, generator=gen), torch.randn(bs, hkv, d, generator=gen),
+                       torch.randn(bs, hkv, d, generator=gen))
+            o_relay, o_native = relay.forward(q, k, v, layer, fb), native.forward(q, k, v, layer, fb)
+            assert ((o_relay - o_native).norm() / o_native.norm()).item() < 1e-4, (mode, relay.plan.num_groups)
+        s.after_decode(batch)
+        return relay.plan.num_groups, relay.step_is_plain, label
+
+    s.prefill([s.new_req(words(90 + i, 120)) for i in range(3)])  # nothing shared
+    assert step("eager")[:2] == (0, True) and relay.plain_steps == 1  # eager: no graph to choose
+    assert step("replay") == (0, False, RELAY_GRAPH)  # no plain graphs captured: the relay graph
+    relay.plain_graphs = True
+    assert step("replay") == (0, True, PLAIN_GRAPH) and relay.plain_steps == 2
+    s.prefill([s.new_req(words(95, 300) + words(96 + i, 6)) for i in range(3)])  # a shared prompt
+    assert step("replay") == (1, False, RELAY_GRAPH)
+    assert step("eager")[:2] == (1, False) and relay.plain_steps == 2
+    # Without the hook's backend the runner keeps SGLang's own choice.
+    assert around_resolve_lora_variant(sglang_labels, types.SimpleNamespace(), None) == "sglang's own"
+    for r in list(s.running):
+        s.finish(r)
+
+
+def test_capture_records_the_variant_sglang_is_capturing():
+    """At capture the backend reads the label SGLang's decode runner publishes
+    (``get_capture_lora_variant``): the plain variant records the plain path and reuses the graph
+    wrappers its batch size's relay capture made; the relay variant records the relay path."""
+    from sglang.srt.model_executor.runner_utils.capture_mode import _set_capture_lora_variant
+
+    from relay_radix.patches.cuda_graph import PLAIN_GRAPH, RELAY_GRAPH, capturing_plain_graph
+
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=32, gate=False)
+    s, runner, relay, _ = _external_suffix_backends(cfg)
+    s.prefill([s.new_req(words(100 + i, 40)) for i in range(2)])
+    fb = forward_batch(s, s.decode_batch(), runner)
+    try:
+        for label, plain, prepared in [(RELAY_GRAPH, False, 1), (PLAIN_GRAPH, True, 1), (RELAY_GRAPH, False, 2)]:
+            _set_capture_lora_variant(label)
+            assert capturing_plain_graph() == plain
+            relay.set_next_plan(None)  # capture runs on a dummy batch, with no scheduler plan
+            relay.init_forward_metadata_out_graph(fb, in_capture=True)
+            assert relay.step_is_plain == plain and relay.suffix.prepared == prepared, label
+    finally:
+        _set_capture_lora_variant(None)
+    assert relay.plain_steps == 0 and relay.plans_without_scheduler == 0  # capture is not counted
+    for r in list(s.running):
+        s.finish(r)
+
+
+def test_sglang_decode_runner_still_has_the_two_graph_seam():
+    """The plain-graph hooks rely on three facts of SGLang 0.5.16's ``DecodeCudaGraphRunner``:
+    ``_capture_one_stream`` captures the ``lora``/``nolora`` pair when ``record_nolora_graph`` is
+    set and publishes the label; graphs are keyed by ``_resolve_lora_variant``; and ``load_batch``
+    asks for the label only after the backend's ``init_forward_metadata_out_graph`` planned the step."""
+    import inspect
+
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+    from relay_radix.patches.cuda_graph import PLAIN_GRAPH, RELAY_GRAPH
+
+    capture = inspect.getsource(DecodeCudaGraphRunner._capture_one_stream)
+    assert "record_nolora_graph" in capture and "_set_capture_lora_variant(variant_label)" in capture
+    assert f'[("{RELAY_GRAPH}", True), ("{PLAIN_GRAPH}", False)]' in capture
+    load = inspect.getsource(DecodeCudaGraphRunner.load_batch)
+    planned = load.index("attn_backend.init_forward_metadata_out_graph(fb_view)")
+    assert load.index("self._resolve_lora_variant(forward_batch)", planned) > planned
+    assert "variant_label=self._resolve_lora_variant(forward_batch)" in inspect.getsource(
+        DecodeCudaGraphRunner.can_run_graph)
 
 
 def metered_backends(cfg):
@@ -370,3 +487,53 @@ def test_sorted_free_slots_give_a_late_prompt_consecutive_slots():
         c.count(prompt.to(torch.int32), torch.tensor([24]))
         breaks[sort] = c.poll()
     assert breaks == {False: 23, True: 0}, breaks
+
+
+def test_large_allocations_take_the_first_consecutive_run():
+    """``prefer_consecutive_slots`` on SGLang's own allocator: a long prompt prefilled into a
+    fragmented pool (holes between cached prompts, the never-used range spent) gets the first
+    run of consecutive free slots that holds it, instead of the lowest holes; with no such run,
+    the free slots with the fewest breaks; small allocations (decode steps) take SGLang's path. Allocations stay distinct and free, and the free list keeps exactly the rest."""
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from relay_radix.kv_slots import fewest_breaks_window, keep_free_slots_sorted, prefer_consecutive_slots
+
+    size = 8 + 12 * 8 + 40
+
+    def fragmented(prefer: bool):
+        a = TokenToKVPoolAllocator(size=size, dtype=torch.float16, device="cpu", kvcache=None, need_sort=False)
+        assert keep_free_slots_sorted(a)
+        if prefer:
+            assert prefer_consecutive_slots(a, 16)
+        cached = a.alloc(8)
+        runs = [a.alloc(8) for _ in range(12)]  # slots 9..104, runs of 8
+        recent = a.alloc(40)  # the never-used range is spent
+        freed = [0, 2, 4, 8, 9, 10]  # holes of 8 low in the pool, one hole of 24 (slots 73..96)
+        for i in freed:
+            a.free(runs[i])
+        busy = {int(x) for t in [cached, recent] + [r for i, r in enumerate(runs) if i not in freed] for x in t}
+        return a, busy
+
+    for prefer in (False, True):
+        a, busy = fragmented(prefer)
+        slots = a.alloc(24).tolist()
+        assert len(set(slots)) == 24 and not set(slots) & busy
+        if prefer:
+            assert slots == list(range(73, 97))  # the first run that holds 24 slots
+        else:
+            assert slots == list(range(9, 17)) + list(range(25, 33)) + list(range(41, 49))  # the lowest holes
+        a.merge_and_sort_free()
+        free = a.free_pages.tolist()
+        assert free == sorted(set(range(1, size + 1)) - busy - set(slots))
+        assert a.alloc(4).tolist() == free[:4]  # a decode step: SGLang's lowest free slots
+
+    a, busy = fragmented(True)
+    a.alloc(24)  # takes the 24-slot run: only holes of 8 are left
+    rest = sorted(set(range(1, size + 1)) - busy - set(range(73, 97)))
+    assert a.alloc(16).tolist() == rest[:16]  # no run holds 16: one break at best, the lowest such
+    assert a.alloc(16) is None  # 8 slots left
+    f = torch.tensor([1, 2, 4, 5, 6, 9])
+    assert [int(fewest_breaks_window(f, n)) for n in (1, 2, 3, 4, 6)] == [0, 0, 2, 0, 0]
+    # No run of 16: the window with one break (two runs of 8), not the lowest slots (five breaks).
+    f = torch.tensor([1, 3, 5, 7] + list(range(20, 28)) + list(range(40, 48)))
+    assert int(fewest_breaks_window(f, 16)) == 4

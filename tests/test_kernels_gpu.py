@@ -64,11 +64,12 @@ def test_flashinfer(kind, hq, hkv):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["mixed", "nested", "big_group", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream", "hybrid_fi"])
+@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain"])
 def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
     """The server's paths: FlashInfer decode suffix state + the groups' prefix states merged in
     place, from the Triton prefix kernel (hybrid; hybrid_stream: on a side stream, concurrent with
-    the suffix decode) or FlashInfer's prefill (hybrid_fi: ``RELAY_RADIX_KERNEL=flashinfer``)."""
+    the suffix decode) or FlashInfer's prefill (hybrid_fi: ``RELAY_RADIX_KERNEL=flashinfer``);
+    hybrid_plain: hybrid_stream whose plans with no group decode plainly (the plain graph)."""
     from tests._relay_gpu_checks import check
 
     _assert(check(path, kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))

@@ -119,6 +119,14 @@ def test_config_from_env_validates(monkeypatch):
     cfg = RelayConfig.from_env()
     assert (cfg.min_group_size, cfg.demote_group_size, cfg.kernel) == (8, 4, "flashinfer")
     assert cfg.plan_reuse is True and cfg.prefix_stream is True and cfg.max_groups == 64  # the defaults
+    assert (cfg.plain_graphs, cfg.consecutive_alloc) == (True, 1024)
+    monkeypatch.setenv("RELAY_RADIX_PLAIN_GRAPHS", "0")
+    monkeypatch.setenv("RELAY_RADIX_CONSECUTIVE_ALLOC", "0")
+    assert (RelayConfig.from_env().plain_graphs, RelayConfig.from_env().consecutive_alloc) == (False, 0)
+    monkeypatch.setenv("RELAY_RADIX_CONSECUTIVE_ALLOC", "-1")
+    with pytest.raises(ValueError, match="RELAY_RADIX_CONSECUTIVE_ALLOC"):
+        RelayConfig.from_env()
+    monkeypatch.delenv("RELAY_RADIX_CONSECUTIVE_ALLOC")
     monkeypatch.setenv("RELAY_RADIX_PLAN_REUSE", "0")
     monkeypatch.setenv("RELAY_RADIX_PREFIX_STREAM", "0")
     assert (RelayConfig.from_env().plan_reuse, RelayConfig.from_env().prefix_stream) == (False, False)

@@ -34,7 +34,11 @@ SHAPES = {  # name: (num_q_heads, num_kv_heads, prefix tokens, members)
     "MHA 16K x128": (32, 32, 16384, 128),
     "MHA 8K x128": (32, 32, 8192, 128),
 }
-TMA_VARIANTS = [  # (block_m, block_n, stages, warps); the first is the server's default launch
+# (block_m, block_n, stages, warps); the first is the server's default launch. Triton 3.6's
+# automatic warp specialization (tl.range(..., warp_specialize=True) on the TMA loop) was measured
+# here too and left out: no gain on the H100 (GQA-4 8K x 128: 54.1 against 46.8 us; the others
+# within 2%; bench/results/raw/prefix-probe-h100-s11-warpspec.md).
+TMA_VARIANTS = [
     (64, 64, 3, 4), (64, 64, 4, 4), (64, 32, 4, 4), (128, 64, 3, 8), (128, 64, 4, 8), (64, 64, 2, 4),
 ]
 

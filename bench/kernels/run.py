@@ -273,6 +273,18 @@ def k_relay_hybrid_stream(w):
     return k_relay_hybrid(w, prefix_stream=True)
 
 
+class NotApplicable(Exception):
+    """A kernel that has nothing to measure on this config (left out of its row)."""
+
+
+def k_relay_plain(w):
+    """What the server runs for a step with no group: the plain graph (``RELAY_RADIX_PLAIN_GRAPHS``),
+    FlashInfer decode over whole sequences with no relay launch. Configs with groups run H."""
+    if len(w["plens"]):
+        raise NotApplicable
+    return k_relay_hybrid(w, prefix_stream=True, plain=True)
+
+
 def k_relay_hybrid_stream_gather(w):
     """The server's path with every prefix chunk gathered (``RELAY_RADIX_SLOT_RUNS=0``): what a
     prefix whose slots are not consecutive costs."""
@@ -289,6 +301,7 @@ KERNELS = {
     "relay_hybrid": k_relay_hybrid,
     "relay_hybrid_stream": k_relay_hybrid_stream,
     "relay_hybrid_stream_gather": k_relay_hybrid_stream_gather,
+    "relay_plain": k_relay_plain,
 }
 
 
@@ -319,6 +332,8 @@ def run_config(name, w, bw, kernels):
             if ref_o is not None:
                 e = ((out.float() - ref_o).norm() / ref_o.norm()).item()
                 row["err_vs_fi_decode"][kname] = e if math.isfinite(e) else float("nan")
+        except NotApplicable:
+            continue
         except Exception as e:  # noqa: BLE001
             row["ms"][kname] = None
             row.setdefault("errors", {})[kname] = repr(e)[:300]
@@ -431,11 +446,13 @@ def write_reports(res, out_dir, dev_tag):
               "consecutive (as SGLang allocates a prompt prefilled in one piece), so the Triton prefix launch reads "
               "them with TMA; relay_hybrid_stream_gather: H with every chunk gathered (slots not consecutive). "
               "relay_fi: FlashInfer "
-              "prefill per group + FlashInfer decode + merge. Ratios: the other kernel's time over relay's (> 1: relay "
-              "faster).",
+              "prefill per group + FlashInfer decode + merge. relay_plain (rows with no group only): what the server "
+              "replays for a step with no group, its plain graph (FlashInfer decode over whole sequences, no relay "
+              "launch; RELAY_RADIX_PLAIN_GRAPHS). S: the server's path, relay_plain where measured, else H. Ratios: "
+              "the other kernel's time over relay's (> 1: relay faster).",
               "", "| config | floor | " + " | ".join(ks) + " | T % floor | H % floor | T vs cascade | H vs cascade | "
-              "T vs FI decode | H vs FI decode | plan ms (T/FI/H) |",
-              "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|"]
+              "T vs FI decode | H vs FI decode | S vs FI decode | plan ms (T/FI/H) |",
+              "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|---|"]
     for r in res.get("timing", []):
         ms = r["ms"]
 
@@ -450,11 +467,12 @@ def write_reports(res, out_dir, dev_tag):
 
         # H: the server's default path (side-stream prefix); records without it show relay_hybrid.
         h = "relay_hybrid_stream" if ms.get("relay_hybrid_stream") else "relay_hybrid"
+        srv = "relay_plain" if ms.get("relay_plain") else h
         plan = "/".join(f"{r['plan_ms'].get(k, 0):.2f}" for k in ("relay_triton", "relay_fi", h))
-        lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | " + " | ".join(f(ms.get(k)) for k in ks) +
+        lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | " + " | ".join(f(ms[k]) if k in ms else "-" for k in ks) +
                      f" | {frac('relay_triton')} | {frac(h)} | {ratio('fi_cascade', 'relay_triton')} | "
                      f"{ratio('fi_cascade', h)} | {ratio('fi_decode', 'relay_triton')} | "
-                     f"{ratio('fi_decode', h)} | {plan} |")
+                     f"{ratio('fi_decode', h)} | {ratio('fi_decode', srv)} | {plan} |")
     if res.get("variants"):
         lines += ["", "## relay-Triton launch variants", "", "| config | variant | ms |", "|---|---|---|"]
         for v in res["variants"]:

@@ -76,13 +76,15 @@ SYSTEMS = {
     "relay-fi": "relay with --relay-kernel flashinfer: FlashInfer prefill over the groups + FlashInfer suffix decode",
     "relay-cap16": "relay with --relay-max-groups 16: more qualifying prefixes than groups (the cap keeps the 16 "
                    "saving the most reads)",
+    "relay-1graph": "relay with --relay-plain-graphs 0: one decode graph per batch size, so steps with no group "
+                    "replay the relay graph (empty prefix and merge launches)",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
                   "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"},
-                  "relay-cap16": {"gsp2k_32x4"}}
+                  "relay-cap16": {"gsp2k_32x4"}, "relay-1graph": {"nosh_c128", "ctrl_c128", "ctrl_c64"}}
 # Systems launched through relay_radix.launch_server, with their own extra flags.
 RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"],
-                 "relay-cap16": ["--relay-max-groups", "16"]}
+                 "relay-cap16": ["--relay-max-groups", "16"], "relay-1graph": ["--relay-plain-graphs", "0"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
