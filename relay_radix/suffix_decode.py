@@ -5,7 +5,7 @@ prefix kernel) and the row's own suffix ``req_to_token[pool[r], suffix_start[r]:
 The suffix is plain paged decode, so it runs on the kernel vanilla SGLang decode runs:
 FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``, driven through the wrapped
 ``FlashInferAttnBackend``'s own wrappers and index updater. With no shared segment in a batch,
-relay decode is then vanilla decode plus a near-empty prefix launch and a merge launch.
+``run`` without an LSE is the whole decode (the plain path: vanilla's kernel, nothing else).
 
 What is reused from the wrapped backend (SGLang 0.5.16, ``flashinfer_backend.py``):
   * graph mode: the per-batch-size graph wrappers it creates in
