@@ -67,6 +67,7 @@ def _merge_parts_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < NUM_Q_HEADS
     mask = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # int64 loop bounds: p * stride_po_p (max_parts * num_q_heads * head_dim) can exceed 2**31.
     start = tl.load(Row_Part_Indptr + row).to(tl.int64)
     end = tl.load(Row_Part_Indptr + row + 1).to(tl.int64)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -74,7 +75,10 @@ def _merge_parts_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     mask_o = mask
     if HAS_BASE:
+        # A row with no part keeps o as it is: no load, no store of o (masks all false), so
+        # with no sharing this launch costs the indptr and LSE reads and the LSE store.
         mask_o = mask & (end > start)
+        # Base 2 -> natural log here: the one boundary of this path.
         base_lse = tl.load(Base_Lse2 + r64 * stride_bl_bs + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
         base_o = tl.load(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], mask=mask_o, other=0.0)
         m, l, acc = _merge_step(m, l, acc, base_lse, base_o.to(tl.float32))
@@ -110,6 +114,7 @@ def _merge_parts_kernel(
 
 
 def _block_h(num_q_heads: int, head_dim: int) -> int:
+    # ~4K fp32 accumulator elements per program.
     return max(1, min(triton.next_power_of_2(num_q_heads), 4096 // triton.next_power_of_2(head_dim)))
 
 

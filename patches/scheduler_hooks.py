@@ -89,9 +89,10 @@ def after_scheduler_init(result, self, *args, **kwargs):
                         "RELAY_RADIX_SORT_FREE_SLOTS=0 to turn off)")
             # A decode step allocates one slot per running request: keep those on SGLang's path.
             min_run = manager.config.consecutive_alloc
-            if min_run and prefer_consecutive_slots(allocator, max(min_run, int(getattr(self, "max_running_requests", 0) or 0) + 1)):
-                logger.info("relay-radix: allocations of >= %d KV slots take the first consecutive free run "
-                            "(RELAY_RADIX_CONSECUTIVE_ALLOC=0 to turn off)", allocator.relay_consecutive_min)
+            max_running = int(getattr(self, "max_running_requests", 0) or 0)
+            if min_run and prefer_consecutive_slots(allocator, max(min_run, max_running + 1)):
+                logger.info("relay-radix: allocations of >= %d KV slots take the free-slot window with the fewest "
+                            "breaks (RELAY_RADIX_CONSECUTIVE_ALLOC=0 to turn off)", allocator.relay_consecutive_min)
         else:
             logger.warning(
                 "relay-radix: the KV allocator (%s) has no sorted-free-list switch; prefixes prefilled after "

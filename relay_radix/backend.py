@@ -317,19 +317,19 @@ class RelayAttnBackend(AttentionBackend):
         if self._kernel is None:
             o, _ = relay_decode_attention(
                 q3, k_buf, v_buf, sm_scale=layer.scaling, logit_cap=logit_cap, **self._cpu_slots)
-        elif self.step_is_plain:
-            o = q3.new_empty((q3.shape[0], hq, dv))
+            return o.reshape(-1, hq * dv)
+        o = q3.new_empty((q3.shape[0], hq, dv))
+        if self.step_is_plain:
             self.suffix.run(q3, layer, o, None)  # whole sequences: vanilla's FlashInfer decode
-        else:
-            o = q3.new_empty((q3.shape[0], hq, dv))
-            lse2 = suffix_state = None
-            if self.suffix is not None:
-                lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
+            return o.reshape(-1, hq * dv)
+        lse2 = suffix_state = None
+        if self.suffix is not None:
+            lse2 = torch.empty((q3.shape[0], hq), dtype=torch.float32, device=q3.device)
 
-                def suffix_state():  # o, lse2 <- each row's suffix state (the kernel orders it)
-                    self.suffix.run(q3, layer, o, lse2)
-            self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap,
-                             base_lse2=lse2, suffix_state=suffix_state)
+            def suffix_state():  # o, lse2 <- each row's suffix state (the kernel orders it)
+                self.suffix.run(q3, layer, o, lse2)
+        self._kernel.run(q3, k_buf, v_buf, o, sm_scale=layer.scaling, logit_cap=logit_cap,
+                         base_lse2=lse2, suffix_state=suffix_state)
         return o.reshape(-1, hq * dv)
 
 
