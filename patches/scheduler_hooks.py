@@ -141,7 +141,8 @@ def before_run_batch(self, batch, *args, **kwargs):
         _record_plan_fingerprint(self, plan)
         backend.set_next_plan(plan)
         backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers,
-                                                  groups_over_cap=backend.manager.groups_over_cap)
+                                                  groups_over_cap=backend.manager.groups_over_cap,
+                                                  groups_gated=backend.manager.groups_gated)
         backend.host.add_hook(time.perf_counter() - t0)
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:

@@ -15,7 +15,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_KERNEL`` | triton | decode kernels: ``triton`` or ``flashinfer`` |
 | ``RELAY_RADIX_SUFFIX`` | flashinfer (CUDA with the FlashInfer base) | each request's own suffix: ``flashinfer`` (SGLang's FlashInfer decode wrappers, vanilla's kernel) or ``triton`` (the relay kernel's suffix launch) |
 | ``RELAY_RADIX_BASE_BACKEND`` | flashinfer (CUDA), torch_native (CPU) | backend for prefill/extend |
-| ``RELAY_RADIX_GATE`` | 1 | 0 disables the bytes-saved gate (every qualifying group is promoted) |
+| ``RELAY_RADIX_GATE`` | 1 | relay a step's groups only where that is faster than vanilla decode (``relay_radix.gate``); 0 relays every qualifying group |
 | ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
 | ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2`` and the others measured by ``bench/kernels/run.py --variants`` were slower on the serving shapes; ``bench/results/kernels-h100-s6-variants.md``) |
 | ``RELAY_RADIX_SLOT_RUNS`` | 1 | Triton prefix launch: a chunk of a shared prefix whose KV slots are one consecutive run (a prompt prefilled in one piece from SGLang's sorted free list) is read by TMA instead of per-row gathers (Hopper and newer; other chunks are gathered); 0 gathers every chunk |

@@ -13,7 +13,9 @@ A node becomes the *head* of a relay group when
     nodes split apart by the tree but shared by the same requests is one group),
   * its *segment* (the tokens after the nearest promoted ancestor's end, up to its own end)
     is at least ``min_prefix_tokens`` long, its nesting level is below ``max_levels``,
-  * and the byte gate (``relay_radix.gate``) says relaying it saves HBM traffic.
+  * and the gate (``relay_radix.gate``) says relaying it saves time.
+Then the gate decides for all groups at once: if together they save less than relaying a step
+costs, none is kept and decode steps run vanilla's kernel (the plain graph).
 At most ``max_groups`` groups exist at once (the decode kernels' static capacity): past
 that, the groups that save the most prefix reads are kept and the warning says so.
 Groups nest: a global system prompt (level 0) and, under it, few-shot blocks shared by
@@ -32,7 +34,7 @@ import logging
 from typing import TYPE_CHECKING, Iterable
 
 from relay_radix.config import RelayConfig
-from relay_radix.gate import AttentionDims, group_pays_off
+from relay_radix.gate import AttentionDims, group_gain_us, step_relays
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -76,6 +78,7 @@ class RelayGroupManager:
         self.version = 0
         self.last_plan: tuple | None = None  # (structure key, DecodeRelayPlan): build_decode_plan's cache
         self.groups_over_cap = 0  # qualifying groups left out at the last refresh (max_groups)
+        self.groups_gated = 0  # qualifying groups the gate left out at the last refresh (no time saved)
 
     # ---- queries -------------------------------------------------------------------------
     def live_count(self, node: "TreeNode") -> int:
@@ -199,7 +202,7 @@ class RelayGroupManager:
         memo: dict = {}
         candidates = [n for n, c in self._count.items() if self._is_head_candidate(n, c)]
         candidates.sort(key=lambda n: (self._depth(n, memo), n.id))  # ancestors first
-        chosen = self._nest(candidates, memo)
+        chosen, gated = self._nest(candidates, memo)
         cap = self.config.max_groups
         if len(chosen) > cap:
             # The decode kernels' static buffers hold ``max_groups`` groups. Keep those that
@@ -208,7 +211,7 @@ class RelayGroupManager:
             # Ties break on the head's creation id, which every TP rank shares.
             ranked = sorted(chosen.values(), key=lambda g: (-(g.members - 1) * g.tokens, g.head.id))
             kept = {g.head for g in ranked[:cap]}
-            chosen = self._nest([n for n in candidates if n in kept], memo)
+            chosen, gated = self._nest([n for n in candidates if n in kept], memo)
             # Warn when the cap starts to bite (refresh runs on most steps of a busy server);
             # the decode log line and /metrics show the count while it lasts.
             log = logger.warning if self.groups_over_cap == 0 else logger.debug
@@ -218,13 +221,20 @@ class RelayGroupManager:
                 "RELAY_RADIX_MAX_GROUPS or RELAY_RADIX_MIN_GROUP_SIZE)", len(ranked), cap, len(chosen))
         else:
             self.groups_over_cap = 0
+        if self.config.gate and chosen and not step_relays(
+                [(g.members, g.tokens) for g in chosen.values()], self.dims, relaying=bool(self._groups)):
+            # Too little to share for what a relay step costs: vanilla's kernel alone is faster.
+            gated += len(chosen)
+            chosen = {}
+        self.groups_gated = gated
         self._apply(chosen)
 
-    def _nest(self, candidates: list["TreeNode"], memo: dict) -> dict["TreeNode", RelayGroup]:
+    def _nest(self, candidates: list["TreeNode"], memo: dict) -> tuple[dict["TreeNode", RelayGroup], int]:
         """Groups from head candidates sorted ancestors first: each one's segment starts where
         its nearest chosen ancestor ends; too deep, too short or (gate) unprofitable segments
-        are skipped."""
+        are skipped. Returns the groups and how many the gate skipped."""
         chosen: dict["TreeNode", RelayGroup] = {}
+        gated = 0
         cfg = self.config
         for node in candidates:
             anc = node.parent
@@ -237,10 +247,11 @@ class RelayGroupManager:
             count = self._count[node]
             if level >= cfg.max_levels or end - start < cfg.min_prefix_tokens:
                 continue
-            if cfg.gate and not group_pays_off(count, end - start, self.dims):
+            if cfg.gate and self.dims is not None and group_gain_us(count, end - start, self.dims) <= 0:
+                gated += 1
                 continue
             chosen[node] = RelayGroup(head=node, level=level, start=start, end=end, members=count)
-        return chosen
+        return chosen, gated
 
     def _apply(self, chosen: dict["TreeNode", RelayGroup]) -> None:
         changed = chosen.keys() != self._groups.keys()

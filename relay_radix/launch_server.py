@@ -31,8 +31,10 @@ RELAY_FLAGS = {
     "--relay-base-backend": ("RELAY_RADIX_BASE_BACKEND", None),
     "--relay-suffix": ("RELAY_RADIX_SUFFIX", ("flashinfer", "triton")),
     "--relay-plain-graphs": ("RELAY_RADIX_PLAIN_GRAPHS", ("0", "1")),
+    "--relay-gate": ("RELAY_RADIX_GATE", ("0", "1")),
+    "--relay-consecutive-alloc": ("RELAY_RADIX_CONSECUTIVE_ALLOC", None),
 }
-_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups")
+_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
 
 HELP = """relay-radix launcher: python -m relay_radix.launch_server [sglang.launch_server args]
@@ -52,6 +54,11 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
                                        suffix (default flashinfer: SGLang's decode wrappers)
   --relay-plain-graphs {0,1}           RELAY_RADIX_PLAIN_GRAPHS: a plain decode graph per batch
                                        size for steps with no group (default 1)
+  --relay-gate {0,1}                   RELAY_RADIX_GATE: relay only steps where it saves time
+                                       (relay_radix/gate.py; default 1)
+  --relay-consecutive-alloc N          RELAY_RADIX_CONSECUTIVE_ALLOC: allocations of >= N KV slots
+                                       take the free window with the fewest breaks (default 1024;
+                                       0 off)
 
 Front end: with bursts of long text prompts, add SGLang's --enable-dynamic-batch-tokenizer
 (the launcher reminds you at start when neither it nor --tokenizer-worker-num > 1 is given).

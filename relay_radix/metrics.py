@@ -9,7 +9,8 @@
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
   read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``). Two figures appear only when not
   zero, because each means relay is partly off: ``groups G (+N over RELAY_RADIX_MAX_GROUPS)``
-  (qualifying groups left out) and ``decode steps without a relay plan N`` (steps that reached
+  (qualifying groups left out), ``groups G (+N gated: faster unshared)`` (groups the gate left
+  out because relaying them would not save time, ``relay_radix.gate``) and ``decode steps without a relay plan N`` (steps that reached
   the backend with no scheduler plan ran with no groups).
 * Prometheus: with ``--enable-metrics`` SGLang exports every ``prometheus_client`` metric
   made in a scheduler process (``--enable-metrics`` makes SGLang's ``entrypoints/engine.py:1296``
@@ -33,7 +34,8 @@ def format_stats(s: PlanStats | None) -> str:
         return "relay: no decode plan yet"
     saved = 1 - s.kv_bytes_relay / s.kv_bytes_vanilla if s.kv_bytes_vanilla else 0.0
     over = f" (+{s.groups_over_cap} over RELAY_RADIX_MAX_GROUPS)" if s.groups_over_cap else ""
-    return (f"relay: groups {s.groups}{over}, members {s.members}, shared {s.shared_tokens} tok, "
+    gated = f" (+{s.groups_gated} gated: faster unshared)" if s.groups_gated else ""
+    return (f"relay: groups {s.groups}{over}{gated}, members {s.members}, shared {s.shared_tokens} tok, "
             f"KV read {s.kv_bytes_relay / 1e9:.3f}/{s.kv_bytes_vanilla / 1e9:.3f} GB (-{100 * saved:.0f}%)")
 
 
@@ -109,6 +111,8 @@ class RelayPrometheus:
         self.shared_tokens = gauge("shared_tokens", "Shared prefix tokens read once per step (last step)")
         self.groups_over_cap = gauge("groups_over_cap", "Qualifying relay groups left out of the last decode "
                                      "step because more than RELAY_RADIX_MAX_GROUPS qualified")
+        self.groups_gated = gauge("groups_gated", "Qualifying relay groups the gate left out of the last decode "
+                                  "step because relaying them would not save time (relay_radix.gate)")
         self.steps_without_plan = gauge("steps_without_plan", "Decode steps so far that reached the relay "
                                         "backend without a scheduler plan (they ran with no groups)")
         self.prefix_slot_breaks = gauge("prefix_slot_breaks", "Breaks in the consecutive-slot runs of the newest "
@@ -133,6 +137,7 @@ class RelayPrometheus:
         ``steps_without_plan``: the backend's running count of unplanned decode steps."""
         lb = self.labels
         self.groups_over_cap.labels(**lb).set(s.groups_over_cap)
+        self.groups_gated.labels(**lb).set(s.groups_gated)
         self.steps_without_plan.labels(**lb).set(steps_without_plan)
         if slot_breaks is not None:
             self.prefix_slot_breaks.labels(**lb).set(slot_breaks)

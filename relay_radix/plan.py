@@ -208,10 +208,11 @@ class PlanStats:
     kv_bytes_relay: int  # KV bytes read per step, all layers, with relay
     kv_bytes_vanilla: int  # the same without relay
     groups_over_cap: int = 0  # qualifying groups left out for RELAY_RADIX_MAX_GROUPS
+    groups_gated: int = 0  # qualifying groups the gate left out (relaying them would not save time)
 
     @classmethod
     def of(cls, plan: DecodeRelayPlan, dims: "AttentionDims", num_layers: int,
-           groups_over_cap: int = 0) -> "PlanStats":
+           groups_over_cap: int = 0, groups_gated: int = 0) -> "PlanStats":
         relay, vanilla = plan.kv_tokens_read()
         per_tok = dims.kv_bytes_per_token * num_layers
         return cls(
@@ -221,4 +222,5 @@ class PlanStats:
             kv_bytes_relay=relay * per_tok,
             kv_bytes_vanilla=vanilla * per_tok,
             groups_over_cap=groups_over_cap,
+            groups_gated=groups_gated,
         )

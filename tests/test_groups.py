@@ -148,21 +148,66 @@ def test_retract_and_abort_leave_groups_at_once():
     check_no_leak(s)
 
 
-def test_byte_gate_keeps_unprofitable_groups_out():
-    """With the model's dimensions known, a group is promoted only if the KV bytes it saves
-    exceed the partial-state bytes and fixed tail it adds (relay_radix.gate)."""
-    from relay_radix.gate import AttentionDims, bytes_added, bytes_saved
+LLAMA2_7B = dict(num_q_heads=32, num_kv_heads=32, head_dim=128, kv_dtype_bytes=2)
+LLAMA3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, kv_dtype_bytes=2)
 
-    llama7b = AttentionDims(num_q_heads=32, num_kv_heads=32, head_dim=128, kv_dtype_bytes=2)
-    llama3 = AttentionDims(num_q_heads=32, num_kv_heads=8, head_dim=128, kv_dtype_bytes=2)
+
+def expected_step_relays(groups, dims, costs, relaying):
+    """The gate's rule written out from its definition (relay_radix.gate docstring), per layer
+    in microseconds: each group saves m - 1 passes over its segment (KV bytes at
+    ``reread_tbps``, 4 flops per query head, head-dim element and key at ``decode_tflops``)
+    and costs m fp32 partial states (o and lse per query head) at ``hbm_tbps`` plus
+    ``group_us``; the positive gains together must beat ``step_us`` (a relaying step: 0.9 of it)."""
+    kv_tok = 2 * dims["num_kv_heads"] * dims["head_dim"] * dims["kv_dtype_bytes"]
+    flops_tok = 4 * dims["num_q_heads"] * dims["head_dim"]
+    partial = 2 * dims["num_q_heads"] * (dims["head_dim"] + 1) * 4
+    gains = [(m - 1) * p * (kv_tok / (costs.reread_tbps * 1e6) + flops_tok / (costs.decode_tflops * 1e6))
+             - m * partial / (costs.hbm_tbps * 1e6) - costs.group_us for m, p in groups]
+    return sum(g for g in gains if g > 0) > costs.step_us * (0.9 if relaying else 1.0)
+
+
+def test_gate_relays_only_steps_that_save_time():
+    """With the model's dimensions known, the manager relays a shared prompt only while its
+    members save more than a relay step costs (relay_radix.gate), with hysteresis; the
+    groups it leaves out are counted (``groups_gated``) for the log line and /metrics."""
+    from relay_radix.gate import H100_COSTS, AttentionDims, step_relays
+    from relay_radix.metrics import format_stats
+    from relay_radix.plan import PlanStats
+
+    # On the H100 fit: GQA-4 8 x 1K is faster unshared (bench/results/gate-h100.md), 128 x 8K is not.
+    llama3 = AttentionDims(**LLAMA3_8B)
+    assert not step_relays([(8, 1024)], llama3) and step_relays([(128, 8192)], llama3)
+    assert not step_relays([], llama3)
+
     cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16)
-    for dims, expect in [(llama7b, 1), (llama3, 0)]:
-        s = MiniScheduler(relay_config=cfg)
-        s.tree.relay.dims = dims
-        s.prefill([s.new_req(words(8, 128) + words(200 + i, 5)) for i in range(2)])
-        _, plan = plan_for(s)
-        pays = bytes_saved(2, 128, dims) > bytes_added(2, dims)
-        assert plan.num_groups == expect == int(pays)
+    for dims, tokens in ((LLAMA2_7B, 1024), (LLAMA3_8B, 4096)):
+        s = MiniScheduler(relay_config=cfg, kv_size=65536, max_reqs=48, max_context=8192)
+        s.tree.relay.dims = AttentionDims(**dims)
+        prompt = words(8, tokens)
+        s.prefill([s.new_req(prompt + words(100, 5))])
+        relaying, decisions = False, []
+        for n in range(2, 33):  # members arrive one by one ...
+            s.prefill([s.new_req(prompt + words(100 + n, 5))])
+            _, plan = plan_for(s)
+            want = expected_step_relays([(n, tokens)], dims, H100_COSTS, relaying)
+            assert plan.num_groups == int(want), (dims, n)
+            assert s.tree.relay.groups_gated == int(not want)
+            stats = PlanStats.of(plan, s.tree.relay.dims, 32, groups_gated=s.tree.relay.groups_gated)
+            assert ("(+1 gated: faster unshared)" in format_stats(stats)) == (not want)
+            decisions.append(want)
+            relaying = want
+        while s.running:  # ... and leave one by one
+            s.finish(s.running[0])
+            n = len(s.running)
+            if n < 2:
+                break
+            _, plan = plan_for(s)
+            want = expected_step_relays([(n, tokens)], dims, H100_COSTS, relaying)
+            assert plan.num_groups == int(want), (dims, n)
+            decisions.append(want)
+            relaying = want
+        # Both ways were exercised: the gate turned relay on, and off again.
+        assert True in decisions and decisions[-1] is False and decisions[0] is False
         for r in list(s.running):
             s.finish(r)
         check_no_leak(s)

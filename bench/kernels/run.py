@@ -273,16 +273,33 @@ def k_relay_hybrid_stream(w):
     return k_relay_hybrid(w, prefix_stream=True)
 
 
-class NotApplicable(Exception):
-    """A kernel that has nothing to measure on this config (left out of its row)."""
+def without_groups(w):
+    """Workload ``w`` as the server decodes it when the gate drops its groups: every row's
+    whole sequence is its own suffix, read through the same slots."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return dict(w, levels=[], plens=empty, p_indptr=torch.zeros(1, dtype=torch.int64), m_rows=empty,
+                m_indptr=torch.zeros(1, dtype=torch.int64), prefix_idx=w["prefix_idx"][:0],
+                suffix=w["full_lens"], s_indptr=w["full_indptr"], suffix_idx=w["full_idx"])
 
 
 def k_relay_plain(w):
     """What the server runs for a step with no group: the plain graph (``RELAY_RADIX_PLAIN_GRAPHS``),
-    FlashInfer decode over whole sequences with no relay launch. Configs with groups run H."""
-    if len(w["plens"]):
-        raise NotApplicable
-    return k_relay_hybrid(w, prefix_stream=True, plain=True)
+    FlashInfer decode over whole sequences with no relay launch. On a config with groups: the
+    step the gate turns plain (``relay_radix.gate``), the same rows decoded unshared."""
+    return k_relay_hybrid(without_groups(w), prefix_stream=True, plain=True)
+
+
+def gate_groups(w):
+    """(members, segment tokens) of every group of workload ``w``, as the gate sees them."""
+    return [(b - a, p) for level in w["levels"] for a, b, p in level]
+
+
+def gate_relays(w) -> bool:
+    """The server's decision for ``w``'s step (``relay_radix.gate.step_relays``, bf16 KV)."""
+    from relay_radix.gate import AttentionDims, step_relays
+
+    dims = AttentionDims(w["hq"], w["hkv"], w["d"], w["k"].element_size())
+    return step_relays(gate_groups(w), dims)
 
 
 def k_relay_hybrid_stream_gather(w):
@@ -313,7 +330,8 @@ def run_config(name, w, bw, kernels):
     floor_ms = relay_bytes / bw * 1e3
     row = dict(config=name, hq=hq, hkv=hkv, d=d, bs=bs, prefix=[int(x) for x in w["plens"].tolist()][:8],
                num_groups=len(w["plens"]), suffix_mean=float(w["suffix"].float().mean()), relay_bytes=relay_bytes,
-               full_bytes=full_bytes, floor_ms=floor_ms, ms={}, mode={}, frac_floor={}, plan_ms={}, err_vs_fi_decode={})
+               full_bytes=full_bytes, floor_ms=floor_ms, gate_relays=gate_relays(w), ms={}, mode={}, frac_floor={},
+               plan_ms={}, err_vs_fi_decode={})
     ref_o = None
     for kname, kfn in kernels.items():
         try:
@@ -332,8 +350,6 @@ def run_config(name, w, bw, kernels):
             if ref_o is not None:
                 e = ((out.float() - ref_o).norm() / ref_o.norm()).item()
                 row["err_vs_fi_decode"][kname] = e if math.isfinite(e) else float("nan")
-        except NotApplicable:
-            continue
         except Exception as e:  # noqa: BLE001
             row["ms"][kname] = None
             row.setdefault("errors", {})[kname] = repr(e)[:300]
@@ -448,11 +464,13 @@ def write_reports(res, out_dir, dev_tag):
               "relay_fi: FlashInfer "
               "prefill per group + FlashInfer decode + merge. relay_plain (rows with no group only): what the server "
               "replays for a step with no group, its plain graph (FlashInfer decode over whole sequences, no relay "
-              "launch; RELAY_RADIX_PLAIN_GRAPHS). S: the server's path, relay_plain where measured, else H. Ratios: "
+              "launch; RELAY_RADIX_PLAIN_GRAPHS); on a row with groups, the same rows decoded unshared. gate: the "
+              "server's decision for the row's groups (relay_radix.gate: relay, or plain where relaying would not "
+              "save time). S: the server's path, H where the gate relays, else relay_plain. Ratios: "
               "the other kernel's time over relay's (> 1: relay faster).",
               "", "| config | floor | " + " | ".join(ks) + " | T % floor | H % floor | T vs cascade | H vs cascade | "
-              "T vs FI decode | H vs FI decode | S vs FI decode | plan ms (T/FI/H) |",
-              "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|---|"]
+              "T vs FI decode | H vs FI decode | gate | S vs FI decode | plan ms (T/FI/H) |",
+              "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|---|---|---|---|"]
     for r in res.get("timing", []):
         ms = r["ms"]
 
@@ -467,12 +485,14 @@ def write_reports(res, out_dir, dev_tag):
 
         # H: the server's default path (side-stream prefix); records without it show relay_hybrid.
         h = "relay_hybrid_stream" if ms.get("relay_hybrid_stream") else "relay_hybrid"
-        srv = "relay_plain" if ms.get("relay_plain") else h
+        # Records from before the gate column: relay_plain was measured on rows with no group only.
+        relays = r.get("gate_relays", not ms.get("relay_plain"))
+        srv = h if relays else "relay_plain"
         plan = "/".join(f"{r['plan_ms'].get(k, 0):.2f}" for k in ("relay_triton", "relay_fi", h))
         lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | " + " | ".join(f(ms[k]) if k in ms else "-" for k in ks) +
                      f" | {frac('relay_triton')} | {frac(h)} | {ratio('fi_cascade', 'relay_triton')} | "
                      f"{ratio('fi_cascade', h)} | {ratio('fi_decode', 'relay_triton')} | "
-                     f"{ratio('fi_decode', h)} | {ratio('fi_decode', srv)} | {plan} |")
+                     f"{ratio('fi_decode', h)} | {'relay' if relays else 'plain'} | {ratio('fi_decode', srv)} | {plan} |")
     if res.get("variants"):
         lines += ["", "## relay-Triton launch variants", "", "| config | variant | ms |", "|---|---|---|"]
         for v in res["variants"]:

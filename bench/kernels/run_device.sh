@@ -8,6 +8,8 @@
 #               PROFILE_ARGS="--configs 'no-sharing'" for some of them),
 #      PROBE (set: prefix-pass probe, gather vs TMA vs FlashInfer dense, bench/kernels/prefix_probe.py;
 #             PROBE_ARGS=--no-flashinfer for the Triton launches only),
+#      GATE (set: the relay gate against measured time, bench/kernels/gate_sweep.py, before the bench;
+#            GATE_BUDGET s, default 240),
 #      SKIP_BENCH (set: no bench/kernels/run.py, only the probes and the tests),
 #      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
 # With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
@@ -27,7 +29,9 @@ if [ -f .device/jit-cache.tar.xz ] && [ ! -d /tmp/jit-cache ]; then
   cp -a /tmp/jit-cache/aot/. /tmp/site/flashinfer/data/aot/
   [ -d /tmp/jit-cache/triton ] && cp -a /tmp/jit-cache/triton/. "$TRITON_CACHE_DIR"/
 fi
-python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . > "$OUT/pip.log" 2>&1
+# $OUT brings back only a few files: the install log stays here unless the install fails.
+python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . > /tmp/pip.log 2>&1 \
+  || { tail -20 /tmp/pip.log; exit 1; }
 # The repository root comes first on sys.path for pytest and the bench (they import tests.*):
 # let its relay_radix/ see the kernels/ and patches/ folders as installed (package-dir mapping).
 ln -sfn ../kernels relay_radix/kernels
@@ -40,6 +44,10 @@ fi
 if [ -n "${PROBE:-}" ]; then
   python3 bench/kernels/prefix_probe.py --out "$OUT" ${PROBE_ARGS:-} > "$OUT/probe.log" 2>&1
   echo "probe rc=$? at $(( $(date +%s) - T0 ))s"
+fi
+if [ -n "${GATE:-}" ]; then
+  python3 bench/kernels/gate_sweep.py --out "$OUT" --budget-s "${GATE_BUDGET:-240}" > "$OUT/gate.log" 2>&1
+  echo "gate sweep rc=$? at $(( $(date +%s) - T0 ))s"
 fi
 eval "set -- ${RUN_ARGS:-}"
 if [ -z "${SKIP_BENCH:-}" ]; then

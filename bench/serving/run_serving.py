@@ -78,13 +78,17 @@ SYSTEMS = {
                    "saving the most reads)",
     "relay-1graph": "relay with --relay-plain-graphs 0: one decode graph per batch size, so steps with no group "
                     "replay the relay graph (empty prefix and merge launches)",
+    # Run like relay (every workload asked), to isolate one feature's effect.
+    "relay-nogate": "relay with --relay-gate 0: every qualifying group relayed, even where that is slower",
+    "relay-noconsec": "relay with --relay-consecutive-alloc 0: long allocations take the lowest free slots",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
                   "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"},
                   "relay-cap16": {"gsp2k_32x4"}, "relay-1graph": {"nosh_c128", "ctrl_c128", "ctrl_c64"}}
 # Systems launched through relay_radix.launch_server, with their own extra flags.
 RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"],
-                 "relay-cap16": ["--relay-max-groups", "16"], "relay-1graph": ["--relay-plain-graphs", "0"]}
+                 "relay-cap16": ["--relay-max-groups", "16"], "relay-1graph": ["--relay-plain-graphs", "0"],
+                 "relay-nogate": ["--relay-gate", "0"], "relay-noconsec": ["--relay-consecutive-alloc", "0"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
@@ -127,6 +131,10 @@ WORKLOADS = {w.name: w for w in [
              groups=32, per_group=4, control="ctrl_c128"),
     Workload("nested_c128", "nested", "4K global prompt + 4 groups x (2K few-shot + 32 req), c128", 28,
              4096, groups=4, per_group=32, fewshot_len=2048, control="ctrl_c128"),
+    # Too little sharing for relay to pay (relay_radix.gate): relay must decode plainly, at vanilla's speed.
+    Workload("ctrl_c8", "gsp", "control: 0-token system prompt, 32 req, c8", 12, 0, per_group=32, conc=8),
+    Workload("gsp1k_c8", "gsp", "1K shared system prompt, 32 req, c8 (the gate keeps relay off)", 12, 1024,
+             per_group=32, conc=8, control="ctrl_c8"),
     Workload("nosh_c128", "rnd", "no sharing: random ids, 256 in / 256 out, 128 req, c128", 15,
              input_len=256),
     Workload("frontend8k", "frontend", "SGLang frontend program: 8K sgl.system + 128 questions (run_batch, 128 threads)",
@@ -150,6 +158,7 @@ WORKLOADS = {w.name: w for w in [
 PRESETS = {
     "core": ["exact", "gsp8k_c128", "gsp16k_c128", "ctrl_c128"],
     "more": ["gsp2k_c64", "ctrl_c64", "gsp8k_4x32", "nested_c128"],
+    "gate": ["gsp1k_c8", "ctrl_c8"],
     "extra": ["frontend8k", "nosh_c128"],
     "rate": ["rate8k"],
     "groups": ["gsp2k_32x4", "ctrl_c128"],
