@@ -49,7 +49,7 @@ def _relay_backend_for_plain_graphs(runner):
     from relay_radix.patches.scheduler_hooks import find_relay_backend
 
     backend = find_relay_backend(getattr(runner, "attn_backend", None))
-    if backend is None or not backend.config.plain_graphs or backend.suffix is None:
+    if backend is None or not backend.wants_plain_graphs:
         return None  # not relay, turned off, or Triton suffixes (no plain path)
     if getattr(runner.model_runner, "is_draft_worker", False):
         return None

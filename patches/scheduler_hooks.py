@@ -73,8 +73,7 @@ def after_scheduler_init(result, self, *args, **kwargs):
             "or pass --radix-cache-backend relay")
     backend.attach(manager)
     self._relay_backend = backend
-    if backend._graph_kernel is not None and backend.suffix is not None and backend.config.plain_graphs \
-            and not backend.plain_graphs:
+    if backend._graph_kernel is not None and backend.wants_plain_graphs and not backend.plain_graphs:
         logger.warning(
             "relay-radix: decode graphs were captured without their plain twins (the hook on SGLang's "
             "DecodeCudaGraphRunner._capture_one_stream did not run: see the plugin log above); decode steps "

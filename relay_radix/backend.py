@@ -160,6 +160,13 @@ class RelayAttnBackend(AttentionBackend):
         return self.host.total[3]
 
     @property
+    def wants_plain_graphs(self) -> bool:
+        """Whether the decode runner should capture a plain graph per batch size: plain steps
+        need FlashInfer suffixes (the Triton suffix launch lives in the relay kernel), and
+        ``RELAY_RADIX_PLAIN_GRAPHS`` asks for them."""
+        return self.suffix is not None and self.config.plain_graphs
+
+    @property
     def plain_steps(self) -> int:
         """Decode steps (outside capture) that took the plain path (no group)."""
         return self.host.total[4]

@@ -134,7 +134,7 @@ def main():
     import flashinfer
     import triton
 
-    from relay_radix.gate import AttentionDims, step_gain_us
+    from relay_radix.gate import step_gain_us
 
     name = torch.cuda.get_device_name(0)
     tag = "h100" if "H100" in name else ("h200" if "H200" in name else name.replace(" ", "_").lower())
@@ -148,9 +148,8 @@ def main():
             break
         w = kb.make_workload(**spec)
         groups = kb.gate_groups(w)
-        dims = AttentionDims(w["hq"], w["hkv"], w["d"], w["k"].element_size())
         row = dict(config=cname, hq=w["hq"], hkv=w["hkv"], d=w["d"], bs=w["bs"], groups=groups,
-                   gate_relays=kb.gate_relays(w), gate_gain_us=step_gain_us(groups, dims), ms={})
+                   gate_relays=kb.gate_relays(w), gate_gain_us=step_gain_us(groups, kb.gate_dims(w)), ms={})
         try:
             for k, fn in kernels.items():
                 run_fn, _, _ = fn(w)

@@ -294,12 +294,18 @@ def gate_groups(w):
     return [(b - a, p) for level in w["levels"] for a, b, p in level]
 
 
-def gate_relays(w) -> bool:
-    """The server's decision for ``w``'s step (``relay_radix.gate.step_relays``, bf16 KV)."""
-    from relay_radix.gate import AttentionDims, step_relays
+def gate_dims(w):
+    """Workload ``w``'s attention sizes as the gate prices them (``relay_radix.gate.AttentionDims``)."""
+    from relay_radix.gate import AttentionDims
 
-    dims = AttentionDims(w["hq"], w["hkv"], w["d"], w["k"].element_size())
-    return step_relays(gate_groups(w), dims)
+    return AttentionDims(w["hq"], w["hkv"], w["d"], w["k"].element_size())
+
+
+def gate_relays(w) -> bool:
+    """The server's decision for ``w``'s step (``relay_radix.gate.step_relays``)."""
+    from relay_radix.gate import step_relays
+
+    return step_relays(gate_groups(w), gate_dims(w))
 
 
 def k_relay_hybrid_stream_gather(w):
