@@ -18,6 +18,25 @@ from __future__ import annotations
 import torch
 
 
+def to_device_async(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``t`` (a small host tensor) on ``device`` as ``dtype``, with no host synchronisation.
+
+    Why: ``cpu_tensor.to(cuda_device)`` without ``non_blocking`` is a copy *and a stream
+    synchronize* in PyTorch, and a non_blocking copy from pageable memory may still wait for
+    the stream (CUDA stages pageable copies). The decode metadata runs while the previous step
+    is still on the GPU (SGLang's overlap scheduler), so either would make the host wait for that
+    step and leave the GPU idle while the rest of this step is launched. The values are cast on
+    the host and staged in pinned memory (PyTorch's caching host allocator keeps the block until
+    the copy has run), then copied asynchronously. A tensor already on ``device`` is only cast.
+    """
+    if t.device == device:
+        return t.to(dtype)
+    host = t.to(dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def gather_ranges(
     req_to_token: torch.Tensor,
     rows: torch.Tensor,
@@ -29,22 +48,28 @@ def gather_ranges(
     Args:
         req_to_token: ``[num_req_slots + 1, max_context_len]`` int32 (device).
         rows: ``[n]`` int ``req_to_token`` rows (any device; moved to req_to_token's).
-        starts: ``[n]`` int first token position of each range.
+        starts: ``[n]`` int first token position of each range (any device).
         lens_cpu: ``[n]`` int CPU lengths (>= 0); their sum sizes the output without a sync.
 
     Returns:
-        ``[sum(lens_cpu)]`` int32 slot ids on ``req_to_token``'s device.
+        ``[sum(lens_cpu)]`` int32 slot ids on ``req_to_token``'s device. Never synchronises
+    the host with the device (host arrays go over in one pinned, asynchronous copy).
     """
     dev = req_to_token.device
     n = int(lens_cpu.numel())
     total = int(lens_cpu.sum()) if n else 0
     if total == 0:
         return torch.empty(0, dtype=torch.int32, device=dev)
-    lens = lens_cpu.to(device=dev, dtype=torch.int64, non_blocking=True)
+    # One staged copy for the host arrays: [lens, starts, rows] (rows only when on the host).
+    host = [lens_cpu.reshape(-1), *(t.reshape(-1) for t in (starts, rows) if t.device.type == "cpu")]
+    packed = to_device_async(torch.stack([t.to(torch.int64) for t in host]), dev)
+    lens = packed[0]
+    starts_d = packed[1] if starts.device.type == "cpu" else starts.to(dev, torch.int64)
+    rows_d = packed[-1] if rows.device.type == "cpu" else rows.to(dev, torch.int64)
     which = torch.repeat_interleave(torch.arange(n, device=dev), lens, output_size=total)
     first = torch.cumsum(lens, 0) - lens  # exclusive prefix sum: output offset of each range
-    pos = torch.arange(total, device=dev) - first[which] + starts.to(dev, torch.int64)[which]
-    return req_to_token[rows.to(dev, torch.int64)[which], pos].to(torch.int32)
+    pos = torch.arange(total, device=dev) - first[which] + starts_d[which]
+    return req_to_token[rows_d[which], pos].to(torch.int32)
 
 
 class SlotBreakCounter:
@@ -79,7 +104,9 @@ class SlotBreakCounter:
         ends = torch.cumsum(prefix_lens_cpu.to(torch.int64), 0)[:-1] - 1  # last token of each group but the last
         ends = ends[(ends >= 0) & (ends < n - 1)]
         if ends.numel():
-            brk[ends.to(prefix_idx.device, non_blocking=True)] = False
+            # index_fill_ takes the value as a scalar: ``brk[idx] = False`` would copy a host
+            # tensor False to the device with a stream sync.
+            brk.index_fill_(0, to_device_async(ends, prefix_idx.device), False)
         total = brk.sum()
         if not on_cuda:
             self.last = int(total)

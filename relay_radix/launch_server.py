@@ -6,6 +6,8 @@ Takes the arguments of ``python -m sglang.launch_server`` and rewrites them (:fu
 
 - ``--attention-backend relay --radix-cache-backend relay`` are added unless an attention
   backend is given (``--attention-backend relay`` alone also gets ``--radix-cache-backend relay``);
+- a relay launch captures decode CUDA graphs up to ``RELAY_DECODE_GRAPH_MAX_BS`` (512) rows
+  unless a CUDA-graph batch-size flag is given (see :data:`RELAY_DECODE_GRAPH_MAX_BS`);
 - a built-in model name (``relay-radix/llama2-7b-mha``, ``relay-radix/llama3-8b-gqa``) as
   ``--model-path``/``--tokenizer-path`` becomes its materialized folder, and then
   ``--load-format dummy`` is added unless a load format is given;
@@ -37,10 +39,23 @@ RELAY_FLAGS = {
 _INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
 
+# Largest decode batch a relay launch captures in a CUDA graph (SGLang's default on an 80 GB GPU
+# at TP < 4 is 256). Relay makes a decode step over many requests of one long prompt cheap, so
+# the server runs such batches: at 30 req/s of an 8K-prompt workload (H100, MHA) the batch
+# reached 264 rows, and those steps ran eagerly at about 45 ms against about 20 ms for a
+# replayed 240-row graph (bench/results/raw/serving-h100-s12-call7-rate-relay-logs.tar.gz).
+# Cost: the graphs of the extra sizes (both the relay and the plain graph per size).
+RELAY_DECODE_GRAPH_MAX_BS = 512
+_GRAPH_BS_FLAGS = ("--cuda-graph-max-bs", "--cuda-graph-max-bs-decode", "--cuda-graph-bs", "--cuda-graph-bs-decode",
+                   "--cuda-graph-config", "--disable-cuda-graph")
+
 HELP = """relay-radix launcher: python -m relay_radix.launch_server [sglang.launch_server args]
 
 Relay defaults (added unless you pass --attention-backend):
   --attention-backend relay --radix-cache-backend relay
+  --cuda-graph-max-bs-decode 512      (unless a --cuda-graph-* batch-size flag, --cuda-graph-config
+                                       or --disable-cuda-graph is given: relay serves large decode
+                                       batches of one prompt cheaply, so more sizes are captured)
 Built-in dummy-weight models (folder materialized on first use; adds --load-format dummy):
   --model-path relay-radix/llama2-7b-mha | relay-radix/llama3-8b-gqa
 Relay flags (removed before SGLang parses the rest; passed on as environment variables):
@@ -147,6 +162,8 @@ def build_argv(argv: list[str], resolve=None) -> tuple[list[str], dict[str, str]
         backend = "relay"
     if backend == "relay" and _value_of(out, ("--radix-cache-backend",))[0] < 0:
         out += ["--radix-cache-backend", "relay"]
+    if backend == "relay" and _value_of(out, _GRAPH_BS_FLAGS)[0] < 0:
+        out += ["--cuda-graph-max-bs-decode", str(RELAY_DECODE_GRAPH_MAX_BS)]
     return out, env
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from relay_radix.kv_slots import to_device_async
+
 
 class FlashInferSuffixDecode:
     """Suffix decode states for the relay merge, on the wrapped FlashInfer backend's wrappers."""
@@ -65,7 +67,7 @@ class FlashInferSuffixDecode:
         else:
             wrapper = self.base.decode_wrappers[0]
         dev = fb.seq_lens.device
-        start = suffix_start_cpu.to(device=dev, dtype=torch.int32, non_blocking=True)
+        start = to_device_async(suffix_start_cpu, dev, torch.int32)  # no host sync (overlap scheduler)
         lens = (fb.seq_lens[:bs] - start).to(torch.int32)
         self.updater.call_begin_forward(
             wrapper, fb.req_pool_indices[:bs], lens, int(suffix_lens_cpu.sum()), self.base.kv_indptr[0], start,

@@ -447,6 +447,24 @@ def test_log_line_and_metrics_say_when_relay_is_partly_off():
         s.finish(r)
 
 
+def test_gather_ranges_concatenates_token_ranges():
+    """Slot lists of a plan's token ranges, against slicing ``req_to_token`` row by row: ranges of
+    any length (0 included), repeated rows, int32 or int64 inputs."""
+    from relay_radix.kv_slots import gather_ranges, to_device_async
+
+    gen = torch.Generator().manual_seed(3)
+    req_to_token = torch.randint(0, 1 << 20, (6, 300), generator=gen, dtype=torch.int32)
+    rows, starts, lens = [4, 0, 4, 2, 5], [10, 0, 250, 7, 299], [120, 0, 50, 1, 1]
+    expected = torch.cat([req_to_token[r, s : s + n] for r, s, n in zip(rows, starts, lens)])
+    for dtype in (torch.int32, torch.int64):
+        got = gather_ranges(req_to_token, torch.tensor(rows, dtype=dtype), torch.tensor(starts, dtype=dtype),
+                            torch.tensor(lens))
+        assert got.dtype == torch.int32 and torch.equal(got, expected)
+    assert gather_ranges(req_to_token, torch.tensor([1]), torch.tensor([3]), torch.tensor([0])).numel() == 0
+    t = torch.tensor([1, 2], dtype=torch.int32)
+    assert to_device_async(t, torch.device("cpu")).dtype == torch.int64
+
+
 def test_slot_break_counter_counts_breaks_inside_groups_only():
     """Breaks in consecutive-slot runs (what sends a prefix chunk from the TMA loop to the gather
     loop): a jump inside a group counts, a group boundary does not."""

@@ -143,3 +143,38 @@ def test_server_flashinfer_kernel_graphs(hq, hkv):
 
     for row in check_fi_external_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16):
         _assert(row)
+
+
+def test_decode_metadata_never_syncs_the_host():
+    """The backend's per-step metadata (prefix slot gather, slot-break count, work lists) is built
+    while the previous step still runs on the GPU (SGLang's overlap scheduler); a host sync there
+    would idle the GPU while the step is launched. torch's sync debug mode turns any synchronising
+    copy into an error. The gathered slots are checked against slicing on the host."""
+    from relay_radix.kernels.triton_relay import TritonRelayDecode
+    from relay_radix.kv_slots import SlotBreakCounter, gather_ranges
+
+    dev = torch.device("cuda")
+    req_to_token = torch.randint(0, 1 << 20, (8, 4096), dtype=torch.int32, device=dev)
+    rows, starts, lens = torch.tensor([3, 5], dtype=torch.int32), torch.tensor([0, 100], dtype=torch.int32), \
+        torch.tensor([1000, 37])
+    dev_rows = rows.to(dev)
+    kernel = TritonRelayDecode(32, 8, 128, torch.bfloat16, dev, max_bs=8, max_groups=2, max_members=8,
+                               max_prefix_tokens=2048, max_suffix_tokens=0, external_suffix=True)
+    counter = SlotBreakCounter()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # the third plan reuses the first staging buffer
+            idx = gather_ranges(req_to_token, rows, starts, lens)
+            idx_dev_rows = gather_ranges(req_to_token, dev_rows, starts, lens)
+            counter.count(idx, lens)
+            kernel.plan(prefix_kv_indices=idx, suffix_kv_indices=None, prefix_lens_cpu=lens,
+                        member_indptr_cpu=torch.tensor([0, 4, 8]), member_rows_cpu=torch.arange(8),
+                        suffix_lens_cpu=torch.ones(8, dtype=torch.int64))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    host = req_to_token.cpu()
+    expected = torch.cat([host[3, :1000], host[5, 100:137]])
+    assert torch.equal(idx.cpu(), expected) and torch.equal(idx_dev_rows.cpu(), expected)
+    torch.cuda.synchronize()
+    assert counter.poll() is not None

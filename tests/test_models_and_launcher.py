@@ -1,6 +1,7 @@
 """CPU tests of the built-in models, the relay launcher's argv rewriting and the serving-bench tools."""
 
 import json
+import re
 import tarfile
 import time
 import random
@@ -107,8 +108,22 @@ def test_launcher_defaults_to_relay_with_builtin_model():
     argv, env = launch_server.build_argv(["--model-path", "relay-radix/llama2-7b-mha", "--port", "30000"],
                                          resolve=fake_resolve)
     assert argv == ["--model-path", "/cache/llama2-7b-mha", "--port", "30000", "--load-format", "dummy",
-                    "--attention-backend", "relay", "--radix-cache-backend", "relay"]
+                    "--attention-backend", "relay", "--radix-cache-backend", "relay",
+                    "--cuda-graph-max-bs-decode", str(launch_server.RELAY_DECODE_GRAPH_MAX_BS)]
     assert env == {}
+
+
+@pytest.mark.parametrize("given", [["--cuda-graph-max-bs", "128"], ["--cuda-graph-max-bs-decode=96"],
+                                   ["--cuda-graph-bs", "1", "2", "4"], ["--disable-cuda-graph"],
+                                   ["--cuda-graph-config", '{"decode": {"max_bs": 64}}']])
+def test_launcher_keeps_a_given_decode_graph_size(given):
+    """Relay's larger decode-graph default applies only when the user chose no graph sizes, and
+    never to another attention backend."""
+    argv, _ = launch_server.build_argv(["--model-path", "/m"] + given, resolve=fake_resolve)
+    assert "--cuda-graph-max-bs-decode" not in argv or "--cuda-graph-max-bs-decode=96" in given
+    assert argv[: 2 + len(given)] == ["--model-path", "/m"] + given
+    argv, _ = launch_server.build_argv(["--model-path", "/m", "--attention-backend", "flashinfer"], resolve=fake_resolve)
+    assert not any(a.startswith("--cuda-graph") for a in argv)
 
 
 def test_launcher_relay_flags_become_env_and_leave_argv():
@@ -129,7 +144,7 @@ def test_launcher_respects_a_given_backend():
     argv, _ = launch_server.build_argv(["--model-path=/m", "--attention-backend", "flashinfer"], resolve=fake_resolve)
     assert argv == ["--model-path=/m", "--attention-backend", "flashinfer"]  # no relay, no dummy
     argv, _ = launch_server.build_argv(["--model-path", "/m", "--attention-backend=relay"], resolve=fake_resolve)
-    assert argv[-2:] == ["--radix-cache-backend", "relay"]
+    assert argv[-4:-2] == ["--radix-cache-backend", "relay"]
     argv, _ = launch_server.build_argv(["--model-path", "/m", "--radix-cache-backend", "custom"], resolve=fake_resolve)
     assert argv.count("--radix-cache-backend") == 1 and "custom" in argv
 
@@ -271,6 +286,22 @@ def test_dry_run_prints_every_command(capsys, tmp_path):
         for name in run_serving.PRESETS["all"]:
             assert f"--tag llama2-7b-mha/{system}/{name}" in out or f"/{system}-{name}" in out
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_dry_run_rate_search_takes_each_systems_rates(capsys, tmp_path):
+    """``--rates-for SYSTEM=...`` gives a system its own rate list (others keep ``--rates``)."""
+    rc = run_serving.main(["--dry-run", "--systems", "relay,vanilla", "--workloads", "rate8k", "--rates", "5",
+                           "--rates-for", "relay=30,33", "--rates-for", "vanilla=9.5,10,10.5",
+                           "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tags = set(re.findall(r"--tag llama2-7b-mha/(\S+)", out))
+    assert {"relay/rate8k@33", "vanilla/rate8k@10"} <= tags, tags
+    assert not any(t.endswith("@5") for t in tags), tags
+    with pytest.raises(SystemExit):
+        run_serving.main(["--dry-run", "--rates-for", "nosuch=1", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        run_serving.main(["--dry-run", "--rates-for", "relay", "--out", str(tmp_path / "out")])
 
 
 # --------------------------------------------------------------------------------- summarize

@@ -500,7 +500,8 @@ def write_reports(res, out_dir, dev_tag):
                      f"{ratio('fi_cascade', h)} | {ratio('fi_decode', 'relay_triton')} | "
                      f"{ratio('fi_decode', h)} | {'relay' if relays else 'plain'} | {ratio('fi_decode', srv)} | {plan} |")
     if res.get("variants"):
-        lines += ["", "## relay-Triton launch variants", "", "| config | variant | ms |", "|---|---|---|"]
+        lines += ["", f"## Launch variants ({res.get('variant_path', 'triton')} path)", "", "| config | variant | ms |",
+                  "|---|---|---|"]
         for v in res["variants"]:
             lines.append(f"| {v['config']} | {v['variant']} | {v['ms'] if v['ms'] else 'fail'} |")
     with open(os.path.join(out_dir, f"kernels-{dev_tag}.md"), "w") as f:
@@ -533,6 +534,12 @@ def main():
     ap.add_argument("--kernels", default=None, help="comma list of timing columns (default all: "
                     + ",".join(KERNELS) + ")")
     ap.add_argument("--no-variants", action="store_true", help="skip the relay-Triton launch variants")
+    ap.add_argument("--variants-on-table", action="store_true",
+                    help="time the launch variants on the timing table's configs (filtered by --configs) "
+                         "instead of their own short list")
+    ap.add_argument("--variant-path", choices=["triton", "server"], default="triton",
+                    help="time the launch variants on relay-Triton (Triton suffix launch) or on the server's "
+                         "path (FlashInfer suffix decode + the Triton prefix launch on a side stream)")
     ap.add_argument("--variants", default=None,
                     help="comma list: only these launch variants (their configs also filtered by --configs)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new configs after this")
@@ -551,7 +558,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     res = dict(device=name, torch=torch.__version__, triton=triton.__version__, flashinfer=flashinfer.__version__,
                sglang=getattr(sglang, "__version__", "?"), date=datetime.datetime.now().isoformat(timespec="seconds"),
-               correctness=[], timing=[], variants=[])
+               correctness=[], timing=[], variants=[], variant_path=args.variant_path)
     bw = copy_bandwidth()
     res["copy_bw_TBps"] = bw / 1e12
     log(f"device {name}, copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -626,6 +633,9 @@ def main():
                         ("llama3-8b P=8192 B=128 (serving 8K)", dict(hq=32, hkv=8, d=128, bs=128,
                                                                     groups_spec=[[(0, 128, 8192)]],
                                                                     suffix_lo=129, suffix_hi=384)),
+                        ("llama2-7b P=8192 B=128 (serving 8K)", dict(hq=32, hkv=32, d=128, bs=128,
+                                                                    groups_spec=[[(0, 128, 8192)]],
+                                                                    suffix_lo=129, suffix_hi=384)),
                         ("llama2-7b no-sharing 4K B=32", dict(hq=32, hkv=32, d=128, bs=32, groups_spec=[],
                                                               suffix_lo=4096, suffix_hi=4096)),
                         ("llama3-8b no-sharing short B=128", dict(hq=32, hkv=8, d=128, bs=128, groups_spec=[],
@@ -638,6 +648,8 @@ def main():
                         ("llama2-7b P=8192 B=128 prefix only", dict(hq=32, hkv=32, d=128, bs=128,
                                                                    groups_spec=[[(0, 128, 8192)]],
                                                                    suffix_lo=1, suffix_hi=1))]
+    if args.variants_on_table:
+        variant_configs = [] if args.no_variants else timing_configs(args.quick)
     for cname, spec in variant_configs:
         if time.time() > deadline:
             break
@@ -646,7 +658,10 @@ def main():
         w = make_workload(**spec)
         for vname, opts in variants.items():
             try:
-                fn, _, _ = k_relay_triton(w, **opts)
+                if args.variant_path == "server":
+                    fn, _, _ = k_relay_hybrid(w, prefix_stream=True, **opts)
+                else:
+                    fn, _, _ = k_relay_triton(w, **opts)
                 ms, _ = bench_ms(fn)
             except Exception as e:  # noqa: BLE001
                 ms = None

@@ -354,7 +354,7 @@ class Driver:
             "model": self.model, "workloads_requested": a.workloads,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "driver_argv": sys.argv, "server_args_extra": a.server_args, "budget_s": a.budget_s,
-            "slo_p99_tpot_ms": a.slo_ms, "rates": a.rates, "question_len": QUESTION_LEN,
+            "slo_p99_tpot_ms": a.slo_ms, "rates": a.rates, "rates_for": a.rates_for, "question_len": QUESTION_LEN,
             "output_len": OUTPUT_LEN, "workloads": {w.name: dataclasses.asdict(w) for w in self.workloads},
             "server_cmds": {}, "server_env": {}, "server_start_s": {}, "warmup_s": {},
             "server_info": {}, "server_log_errors": {}, "runs": [], "rate_search": {},
@@ -716,7 +716,7 @@ class Driver:
 
     def run_rate_search(self, system: str, w: Workload) -> None:
         slo = self.a.slo_ms
-        rates = sorted(self.a.rates)
+        rates = sorted(self.a.rates_for.get(system, self.a.rates))
         passed: dict[float, bool] = {}
         search = {"slo_p99_tpot_ms": slo, "tried": [], "sustainable_rate": None}
         self.results["rate_search"][system] = search
@@ -859,7 +859,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--relay-min-group-size", type=int)
     ap.add_argument("--relay-min-prefix-tokens", type=int)
     ap.add_argument("--slo-ms", type=float, default=None, help="p99 TPOT SLO of rate8k (default per model)")
-    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=list(DEFAULT_RATES))
+    ap.add_argument("--rates", type=_rate_list, default=list(DEFAULT_RATES))
+    ap.add_argument("--rates-for", action="append", default=[], type=_system_rates, metavar="SYSTEM=R1,R2",
+                    help="rates of one system's search (repeatable; others use --rates): vanilla and relay "
+                         "sustain rates ~3x apart, so one list would spend runs far from either's limit")
     ap.add_argument("--vanilla-plugins", action="store_true", help="let vanilla load SGLang plugins too")
     ap.add_argument("--keep-going", action="store_true", help="run vanilla even if relay ran nothing")
     ap.add_argument("--gpu-util", action="store_true",
@@ -868,9 +871,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="pack the compiled FlashInfer modules and Triton's cache into $OUT/jit-cache.tar.xz")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = ap.parse_args(argv)
+    a.rates_for = dict(a.rates_for)
+    unknown = set(a.rates_for) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"--rates-for: unknown systems {sorted(unknown)}")
     if a.slo_ms is None:
         a.slo_ms = DEFAULT_SLO_MS[a.model]
     return a
+
+
+def _rate_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _system_rates(text: str) -> tuple[str, list[float]]:
+    system, sep, rates = text.partition("=")
+    if not sep or not rates:
+        raise argparse.ArgumentTypeError(f"{text!r}: write SYSTEM=R1,R2,...")
+    return system, _rate_list(rates)
 
 
 def _on_sigterm(signum, frame):
