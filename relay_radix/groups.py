@@ -211,7 +211,9 @@ class RelayGroupManager:
             # Ties break on the head's creation id, which every TP rank shares.
             ranked = sorted(chosen.values(), key=lambda g: (-(g.members - 1) * g.tokens, g.head.id))
             kept = {g.head for g in ranked[:cap]}
-            chosen, gated = self._nest([n for n in candidates if n in kept], memo)
+            # The first pass's gated count stands: those candidates were never in ``ranked``.
+            chosen, regated = self._nest([n for n in candidates if n in kept], memo)
+            gated += regated
             # Warn when the cap starts to bite (refresh runs on most steps of a busy server);
             # the decode log line and /metrics show the count while it lasts.
             log = logger.warning if self.groups_over_cap == 0 else logger.debug

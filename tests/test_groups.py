@@ -325,6 +325,33 @@ def test_groups_beyond_max_groups_keep_the_largest_savings(caplog):
     check_no_leak(s)
 
 
+def test_gated_groups_are_counted_when_the_cap_bites():
+    """The gate's left-out count (``groups_gated``, log line and /metrics) keeps the groups it
+    skipped even when more groups qualify than ``max_groups``: the cap's second pass over the
+    kept heads must not reset it. Llama-2-7B shape on the H100 costs: 3 x 10K and 3 x 4K pay
+    (gains ~12.9 and ~4.6 us per layer), 2 x 1K does not (gain < 0)."""
+    from relay_radix.gate import AttentionDims, group_gain_us
+
+    dims = AttentionDims(**LLAMA2_7B)
+    assert group_gain_us(3, 10000, dims) > 12 and group_gain_us(3, 4000, dims) > 0 >= group_gain_us(2, 1000, dims)
+    cfg = RelayConfig(min_group_size=2, demote_group_size=2, min_prefix_tokens=16, max_groups=1)
+    s = MiniScheduler(relay_config=cfg, kv_size=65536, max_reqs=16, max_context=16384)
+    s.tree.relay.dims = dims
+    big, mid, small = words(1, 10000), words(2, 4000), words(3, 1000)
+    reqs = [s.new_req(big + words(10 + i, 8)) for i in range(3)]
+    reqs += [s.new_req(mid + words(20 + i, 8)) for i in range(3)]
+    reqs += [s.new_req(small + words(30 + i, 8)) for i in range(2)]
+    s.prefill([reqs[0], reqs[3], reqs[6]])  # the three prompts enter the tree
+    s.prefill([r for i, r in enumerate(reqs) if i not in (0, 3, 6)])
+    plan_for(s)
+    _, plan = plan_for(s)
+    assert group_table(plan) == {(0, 0, 10000): 3}
+    assert s.tree.relay.groups_over_cap == 1 and s.tree.relay.groups_gated == 1
+    for r in list(s.running):
+        s.finish(r)
+    check_no_leak(s)
+
+
 def test_exactness_workload_with_many_blocks_forms_one_group_per_block():
     """The serving exactness workload ``exact_groups`` (``bench/serving/exactness.py``: a global
     prompt, then one of ``blocks`` few-shot blocks, 4 requests each) yields, with the default
