@@ -32,9 +32,34 @@ import torch
 
 from .triton_merge import launch_merge_parts
 from .triton_segment import launch_segment_attention
-from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, run_one_shot
+from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, prefix_tile_tokens, run_one_shot
 
-__all__ = ["TritonRelayDecode", "relay_decode_triton"]
+__all__ = ["LONG_PREFIX_TILE_TOKENS_PER_SM", "TritonRelayDecode", "planned_programs_per_sm", "relay_decode_triton"]
+
+# Prefix work per SM (tile-tokens: KV tokens walked per member tile and KV head, over the SM
+# count) above which a prefix launch that runs beside the suffix decode on a grid of two programs
+# per SM still splits its work for both, when a short step's split is asked for
+# (``concurrent_programs_per_sm``, opt-in). Kernel bench, H100, server path
+# (bench/results/kernels-h100-s14.md): on MHA one busy program per SM was 2-9% faster up to 4K
+# tile-tokens per SM (4K x 256 members: 437 against 449 us), two 3.5-9% faster from 7.9K (16K x
+# 128: 324 against 336 us; 32K x 256: 681 against 746 us).
+LONG_PREFIX_TILE_TOKENS_PER_SM = 6144
+
+
+def planned_programs_per_sm(tile_tokens_per_sm: float, *, concurrent: bool, grid_programs_per_sm: int,
+                            concurrent_programs_per_sm: int | None = 1,
+                            long_prefix: float = LONG_PREFIX_TILE_TOKENS_PER_SM) -> int:
+    """Programs per SM one step's prefix work is split for (its chunk sizes; never above the grid).
+
+    ``concurrent``: the prefix launch runs on a side stream beside the suffix decode. Then a
+    short prefix pass is split for ``concurrent_programs_per_sm`` (the rest of the persistent
+    grid finds no work and exits), leaving the SMs to the decode; a long one
+    (``tile_tokens_per_sm > long_prefix``) is the step's long pole and takes the whole grid.
+    ``concurrent_programs_per_sm=None`` always uses the grid.
+    """
+    if concurrent and concurrent_programs_per_sm and tile_tokens_per_sm <= long_prefix:
+        return min(grid_programs_per_sm, concurrent_programs_per_sm)
+    return grid_programs_per_sm
 
 
 def _num_sms(device: torch.device) -> int:
@@ -67,7 +92,15 @@ class TritonRelayDecode:
             takes no suffix slot list and ``run`` needs ``base_lse2``.
         prefix_block_m: stacked query rows per prefix program (16/32/64/128); default 64.
         num_sms: programs are sized from it (default: the device's SM count).
-        programs_per_sm: persistent programs per SM of the prefix launch (over all KV heads).
+        programs_per_sm: persistent programs per SM of the prefix launch (over all KV heads):
+            its fixed grid (default 2).
+        concurrent_programs_per_sm: with ``external_suffix`` and ``prefix_stream``, a step whose
+            prefix work is short is split for this many programs per SM, not the grid's
+            (:func:`planned_programs_per_sm`); ``None`` (default): always the grid's. Opt-in
+            (``RELAY_RADIX_PREFIX_PROGRAMS``): the kernel bench finds one busy program per SM
+            faster beside FlashInfer's decode (GQA-4 up to 1.13x), but inside the server's
+            replayed decode step it was slower (session 14, H100, GQA-4 16K x 128 median TPOT:
+            grid of 1 per SM 14.5 ms, 2 per SM 12.7 ms; bench/results/serving-h100-80gb-hbm3-s14.md).
         suffix_programs_per_sm: the suffix launch's own count. Default 16: suffix items are
             short, so a program's items form a chain of dependent loads; on the H100 here 16
             against 2 cut relay-Triton from 0.295 to 0.279 ms (MHA 4K x 128) and 0.079 to
@@ -107,6 +140,7 @@ class TritonRelayDecode:
         min_chunk: int = 256,
         num_sms: int | None = None,
         programs_per_sm: int = 2,
+        concurrent_programs_per_sm: int | None = None,
         suffix_programs_per_sm: int = 16,
         num_warps_prefix: int = 4,
         num_stages_prefix: int = 3,
@@ -131,7 +165,12 @@ class TritonRelayDecode:
         self.members_per_tile = self.prefix_block_m // self.gqa
         self.suffix_block_m = max(16, _next_pow2(self.gqa))
         self.num_sms = num_sms or _num_sms(self.device)
+        # Decided from the flags, not from the side stream (which exists on CUDA only), so the
+        # CPU tests plan as the server does.
+        self.concurrent = external_suffix and prefix_stream
+        self.programs_per_sm = programs_per_sm
         self.target_programs = self.num_sms * programs_per_sm
+        self.concurrent_programs_per_sm = concurrent_programs_per_sm
         self.launch_cfg = dict(num_warps_prefix=num_warps_prefix, num_stages_prefix=num_stages_prefix,
                                num_warps_suffix=num_warps_suffix, num_stages_suffix=num_stages_suffix)
         self.k_row_major = k_row_major
@@ -152,7 +191,7 @@ class TritonRelayDecode:
         self.suffix_programs = min(self.max_suffix_work, s_per_head)
 
         # One packed int32 table (one H2D copy per plan): views at fixed offsets.
-        sizes = dict(counts=3, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
+        sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
                      member_rows=max(1, max_members), prefix_work=self.max_prefix_work * WORK_FIELDS,
                      suffix_work=self.max_suffix_work * WORK_FIELDS)
         self._offsets, off = {}, 0
@@ -167,7 +206,8 @@ class TritonRelayDecode:
         self._stage = [torch.zeros(off, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._stage_event = [None, None]
         self._stage_idx = 0
-        self.counts = self._view("counts")  # [num_prefix_work, num_suffix_work, bs]
+        # [num_prefix_work, num_suffix_work, bs, prefix programs per KV head that take work]
+        self.counts = self._view("counts")
         self.row_part_indptr = self._view("row_part_indptr")
         self.prefix_slot_base = self._view("prefix_slot_base")
         self.member_rows = self._view("member_rows")
@@ -176,6 +216,7 @@ class TritonRelayDecode:
         self.num_prefix_work = self.counts[0:1]
         self.num_suffix_work = self.counts[1:2]
         self.num_rows = self.counts[2:3]
+        self.num_prefix_active = self.counts[3:4]
         self.row_arange = torch.arange(max_bs, dtype=torch.int32, device=self.device)
 
         self._prefix_kv_indices = torch.zeros(max(1, max_prefix_tokens), dtype=torch.int32, device=self.device)
@@ -236,10 +277,17 @@ class TritonRelayDecode:
             suffix_kv_indices = prefix_kv_indices[:0]
         npt, nst = int(prefix_kv_indices.numel()), int(suffix_kv_indices.numel())
         assert npt <= self._prefix_kv_indices.numel() and nst <= self._suffix_kv_indices.numel(), "KV tokens over capacity"
+        per_sm = prefix_tile_tokens(prefix_lens_cpu, member_indptr_cpu, self.members_per_tile) \
+            * self.num_kv_heads / self.num_sms
+        pps = planned_programs_per_sm(per_sm, concurrent=self.concurrent, grid_programs_per_sm=self.programs_per_sm,
+                                      concurrent_programs_per_sm=self.concurrent_programs_per_sm)
+        # Programs per KV head that take work: the plan's share of the fixed grid.
+        active = min(self.prefix_programs, max(1, self.num_sms * pps // self.num_kv_heads))
         wp = build_work_plan(
             prefix_lens=prefix_lens_cpu, member_indptr=member_indptr_cpu, member_rows=member_rows_cpu,
             suffix_lens=suffix_lens_cpu, members_per_tile=self.members_per_tile, num_kv_heads=self.num_kv_heads,
-            target_programs=self.target_programs, block_n=self.block_n, min_chunk=self.min_chunk,
+            target_programs=self.num_sms * pps, prefix_programs_per_head=active, block_n=self.block_n,
+            min_chunk=self.min_chunk,
             max_suffix_splits=self.max_suffix_splits, max_prefix_work=self.max_prefix_work,
             max_suffix_work=self.max_suffix_work, max_parts=self.max_parts,
         )
@@ -253,7 +301,7 @@ class TritonRelayDecode:
             off, _ = self._offsets[name]
             st[off : off + t.numel()] = t.reshape(-1)
 
-        put("counts", torch.tensor([wp.prefix_work.shape[0], wp.suffix_work.shape[0], bs], dtype=torch.int32))
+        put("counts", torch.tensor([wp.prefix_work.shape[0], wp.suffix_work.shape[0], bs, active], dtype=torch.int32))
         put("row_part_indptr", wp.row_part_indptr)
         put("prefix_slot_base", wp.prefix_slot_base)
         put("member_rows", member_rows_cpu.to(torch.int32))
@@ -314,6 +362,7 @@ class TritonRelayDecode:
             launch_segment_attention(
                 kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
                 work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
+                num_active=self.num_prefix_active,
                 block_m=self.prefix_block_m, num_warps=cfg["num_warps_prefix"],
                 num_stages=cfg["num_stages_prefix"], slot_runs=self.prefix_slot_runs, **common,
             )

@@ -152,6 +152,7 @@ def _segment_attention_kernel(
     Slot_Base,  # [num_members] int32 first part slot of each member's parts of this segment
     Work,  # [max_work, WORK_FIELDS] int32: kv_start, kv_len, member_start, member_count, chunk
     Num_Work,  # [1] int32 live work items
+    Num_Active,  # [1] int32 programs per KV head that take work this step (HAS_ACTIVE only)
     Part_O,  # [max_parts, num_q_heads, head_dim] fp32
     Part_Lse,  # [max_parts, num_q_heads] fp32, natural log
     # Scalars
@@ -180,6 +181,7 @@ def _segment_attention_kernel(
     K_ROW_MAJOR: tl.constexpr,
     SLOT_RUNS: tl.constexpr,  # items whose slots are one consecutive run take the TMA loop
     ROW_WIDTH: tl.constexpr,  # num_kv_heads * head_dim (SLOT_RUNS only)
+    HAS_ACTIVE: tl.constexpr,  # Num_Active given: only its first programs of each head work
 ):
     # A tile must hold at least one member's GQA heads, and tl.dot needs M >= 16.
     tl.static_assert(BLOCK_M >= GQA)
@@ -188,8 +190,12 @@ def _segment_attention_kernel(
     kv_head = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     num_programs = tl.num_programs(1)
+    if HAS_ACTIVE:
+        # The plan may split this step's work for fewer programs than the grid holds (one per SM
+        # beside a concurrent decode): the items are dealt over those alone, the rest exit.
+        num_programs = tl.minimum(tl.load(Num_Active), num_programs)
     num_work = tl.load(Num_Work)
-    if pid >= num_work:
+    if (pid >= num_work) | (pid >= num_programs):
         # Programs of the fixed (CUDA-graph) grid with no item this step leave before building
         # the TMA descriptors below (two 128-byte global writes and a tensormap fence each):
         # with no group in the batch, every program of the prefix launch takes this exit.
@@ -281,6 +287,7 @@ def launch_segment_attention(
     num_stages: int,
     k_row_major: bool = False,
     slot_runs: bool | None = False,
+    num_active: torch.Tensor | None = None,
 ) -> None:
     """Launch the segment kernel over a fixed persistent grid ``[num_kv_heads, num_programs]``.
 
@@ -296,6 +303,8 @@ def launch_segment_attention(
     instead of per-row gathers; other items take the gather loop. Needs contiguous pools, a
     power-of-two head_dim and a GPU with TMA (Hopper+): :func:`slot_runs_supported`. ``None``:
     on when the pools are on a GPU that supports it, off otherwise (the one place this is decided).
+    num_active: ``[1]`` int32 (device): programs per KV head that take work, ``<= num_programs``
+    (the plan's choice per step; the grid is fixed at capture). ``None``: all of them.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buffer.shape[1]
@@ -319,7 +328,8 @@ def launch_segment_attention(
         _ensure_descriptor_allocator()
     grid = (num_kv_heads, max(1, num_programs))
     _segment_attention_kernel[grid](
-        q, k_buffer, v_buffer, kv_indices, rows, slot_base, work, num_work, part_o, part_lse,
+        q, k_buffer, v_buffer, kv_indices, rows, slot_base, work, num_work,
+        num_work if num_active is None else num_active, part_o, part_lse,
         float(sm_scale), float(logit_cap) if logit_cap > 0 else 1.0, k_buffer.shape[0],
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), part_o.stride(0), part_o.stride(1), part_lse.stride(0),
@@ -327,7 +337,7 @@ def launch_segment_attention(
         BLOCK_N=block_n, WORK_FIELDS=5, HAS_CAP=logit_cap > 0,
         # fp32 inputs: exact fp32 dot (tf32 would cost ~1e-3 relative error).
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None, K_ROW_MAJOR=k_row_major,
-        SLOT_RUNS=slot_runs, ROW_WIDTH=num_kv_heads * head_dim,
+        SLOT_RUNS=slot_runs, ROW_WIDTH=num_kv_heads * head_dim, HAS_ACTIVE=num_active is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -28,7 +28,7 @@ import dataclasses
 import numpy as np
 import torch
 
-__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan", "one_shot_args", "run_one_shot"]
+__all__ = ["WORK_FIELDS", "RelayWorkPlan", "build_work_plan", "one_shot_args", "prefix_tile_tokens", "run_one_shot"]
 
 WORK_FIELDS = 5  # kv_start, kv_len, member_start, member_count, chunk
 
@@ -38,7 +38,9 @@ class RelayWorkPlan:
     """One decode step's work lists (CPU int32 tensors)."""
 
     bs: int
-    prefix_chunk: int  # KV tokens per prefix work item
+    target_programs: int  # programs the chunk sizes were chosen to fill
+    prefix_programs_per_head: int  # prefix programs per KV head the items are dealt to
+    prefix_chunk: int  # most KV tokens of one prefix work item (a segment's pieces are equal, up to block_n)
     num_parts: int  # part slots used (row_part_indptr[-1])
     row_part_indptr: torch.Tensor  # [bs+1] part slots of row r: [indptr[r], indptr[r+1])
     prefix_slot_base: torch.Tensor  # [total_members] first part slot of membership p
@@ -56,14 +58,20 @@ def _round_up(x: int, m: int) -> int:
 
 def _segment_items(
     seg_lens: np.ndarray, seg_starts: np.ndarray, chunk: int, tiles: np.ndarray,
-    tile_starts: np.ndarray, num_tile_members: np.ndarray, members_per_tile: int,
+    tile_starts: np.ndarray, num_tile_members: np.ndarray, members_per_tile: int, block_n: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Work items for segments split into ``chunk``-token pieces x member tiles.
+    """Work items for segments split into pieces of at most ``chunk`` tokens x member tiles.
 
+    A segment of ``L`` tokens is cut into ``n = ceil(L / chunk)`` pieces of equal size (rounded up
+    to ``block_n``, the last one shorter), not ``n - 1`` full chunks and a short tail: the
+    longest item, which sets when its program finishes, is then as short as ``n`` pieces allow.
     seg_lens/seg_starts/tiles/tile_starts/num_tile_members: ``[n]`` int64.
     Returns (work ``[W, WORK_FIELDS]`` int32, chunks per segment ``[n]`` int64).
     """
-    chunks = np.where((seg_lens > 0) & (num_tile_members > 0), _cdiv(seg_lens, chunk), 0)
+    live = (seg_lens > 0) & (num_tile_members > 0)
+    pieces = np.where(live, _cdiv(seg_lens, chunk), 1)
+    piece = _cdiv(_cdiv(seg_lens, pieces), block_n) * block_n  # per segment, <= chunk
+    chunks = np.where(live, _cdiv(seg_lens, np.maximum(piece, 1)), 0)
     items = chunks * tiles
     total = int(items.sum())
     if total == 0:
@@ -74,17 +82,75 @@ def _segment_items(
     t = tiles[seg]
     c = k // t  # chunk-major ...
     tile = k % t  # ... tiles of one chunk adjacent (L2 reuse)
+    step = piece[seg]
     work = np.empty((total, WORK_FIELDS), dtype=np.int32)
-    work[:, 0] = seg_starts[seg] + c * chunk  # kv_start
-    work[:, 1] = np.minimum(chunk, seg_lens[seg] - c * chunk)  # kv_len
+    work[:, 0] = seg_starts[seg] + c * step  # kv_start
+    work[:, 1] = np.minimum(step, seg_lens[seg] - c * step)  # kv_len
     work[:, 2] = tile_starts[seg] + tile * members_per_tile  # member_start
     work[:, 3] = np.minimum(members_per_tile, num_tile_members[seg] - tile * members_per_tile)
     work[:, 4] = c
     return work, chunks
 
 
+# Costs of a work item in key tokens of one program's time (H100: a 64-row tile walks a key in
+# about 10 ns). Its program pays ITEM_COST_TOKENS for loading the query tile and storing its
+# partials; the whole step pays PARTIAL_COST_TOKENS per item and KV head for the merge, which
+# reads those partials back from HBM (64 rows x head_dim fp32 written and read: ~20 ns of the
+# chip's bandwidth each).
+ITEM_COST_TOKENS = 128
+PARTIAL_COST_TOKENS = 2
+
+
+def _balanced_prefix_chunk(seg_lens, tiles, live, chunk0: int, programs: int, num_kv_heads: int, block_n: int,
+                           min_chunk: int) -> int:
+    """The prefix chunk size (from a few candidates near ``chunk0``) that gives the shortest step
+    when the items are dealt round robin to ``programs`` programs per KV head, as the persistent
+    kernel walks them: the busiest program (its keys plus ``ITEM_COST_TOKENS`` per item) plus
+    the merge's ``PARTIAL_COST_TOKENS`` per item and KV head.
+
+    ``chunk0 = total / programs`` alone can leave a few programs with one item more than the
+    rest (36 items on 33 programs: the step takes two items' time); the candidates cut the work
+    into 1-4 even waves or the longest segment into 1-8 pieces. The busiest program is
+    estimated, not simulated (this runs every decode step whose plan changed): with ``w`` waves
+    of items of at most ``p`` keys it walks at most ``min(w * p, total / programs + p)`` keys,
+    exact for one group.
+
+    seg_lens, tiles: ``[G]`` int64 (member tiles per group); live: ``[G]`` bool.
+    """
+    lens = seg_lens[live]
+    if lens.size == 0 or programs <= 0:
+        return chunk0
+    t = tiles[live]
+    total = int((t * lens).sum())
+    longest = int(lens.max())
+    cands = [chunk0] + [-(-total // (k * programs)) for k in (1, 2, 3, 4)] + [-(-longest // n) for n in range(1, 9)]
+    c = np.unique(_cdiv(np.maximum(np.asarray(cands, dtype=np.int64), min_chunk), block_n) * block_n)[:, None]  # [C, 1]
+    piece = _cdiv(_cdiv(lens, _cdiv(lens, c)), block_n) * block_n  # [C, G] equal pieces per segment
+    items = (_cdiv(lens, piece) * t).sum(1)  # [C]
+    waves = _cdiv(items, programs)
+    top = piece.max(1)
+    busiest = np.minimum(waves * top, total / programs + top) + ITEM_COST_TOKENS * waves
+    cost = busiest + PARTIAL_COST_TOKENS * items * num_kv_heads
+    best = np.flatnonzero(cost == cost.min())[-1]  # ties: the larger chunk (fewer partials)
+    return int(c[best, 0])
+
+
 def _np64(t) -> np.ndarray:
     return np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=np.int64).reshape(-1)
+
+
+def prefix_tile_tokens(prefix_lens, member_indptr, members_per_tile: int) -> int:
+    """KV tokens the prefix launch walks for one KV head: each group's segment once per member
+    tile (``ceil(members / members_per_tile)`` tiles), summed over groups with members.
+
+    prefix_lens: ``[num_groups]``, member_indptr: ``[num_groups+1]`` (CPU ints, tensors or arrays).
+    Times the KV head count, this is the prefix pass's work in tile-tokens: its arithmetic, and
+    its reads from L2.
+    """
+    prefix_lens, member_indptr = _np64(prefix_lens), _np64(member_indptr)
+    num_members = member_indptr[1:] - member_indptr[:-1]
+    tiles = _cdiv(num_members, members_per_tile)  # 0 for a group with no member
+    return int((tiles * prefix_lens).sum())
 
 
 def build_work_plan(
@@ -99,6 +165,7 @@ def build_work_plan(
     block_n: int,
     min_chunk: int,
     max_suffix_splits: int,
+    prefix_programs_per_head: int | None = None,
     max_prefix_work: int,
     max_suffix_work: int,
     max_parts: int,
@@ -113,6 +180,8 @@ def build_work_plan(
         members_per_tile: members stacked into one prefix program (``BLOCK_M // gqa``).
         num_kv_heads: programs per work item (one per KV head).
         target_programs: programs wanted per launch (a few per SM) before chunks stop shrinking.
+        prefix_programs_per_head: programs per KV head of the prefix launch that take work; the
+            prefix chunks are balanced over them (default ``target_programs // num_kv_heads``).
         block_n: KV tile of the kernels; chunks are multiples of it.
         min_chunk: smallest chunk (keeps the fp32 partial traffic small next to the KV bytes).
         max_suffix_splits: most suffix chunks of one row.
@@ -135,13 +204,17 @@ def build_work_plan(
     prefix_starts = np.cumsum(prefix_lens) - prefix_lens
     suffix_starts = np.cumsum(suffix_lens) - suffix_lens
     tiles = np.maximum(_cdiv(num_members, members_per_tile), 1)
-    live = (num_members > 0) & (prefix_lens > 0)
 
     # Chunk sizes from the total work: enough programs to fill the chip, no smaller than
     # min_chunk (each chunk writes rows x head_dim fp32 partials).
-    prefix_work_tokens = int((tiles * prefix_lens * live).sum()) * num_kv_heads
+    prefix_work_tokens = prefix_tile_tokens(prefix_lens, member_indptr, members_per_tile) * num_kv_heads
     suffix_tokens = int(suffix_lens.sum()) * num_kv_heads
     chunk_p = _round_up(max(min_chunk, -(-prefix_work_tokens // max(target_programs, 1))), block_n)
+    # Every KV head runs the same items on its own programs: balance them over one head's share.
+    if prefix_programs_per_head is None:
+        prefix_programs_per_head = max(1, target_programs // max(num_kv_heads, 1))
+    chunk_p = _balanced_prefix_chunk(prefix_lens, tiles, (prefix_lens > 0) & (num_members > 0), chunk_p,
+                                     prefix_programs_per_head, num_kv_heads, block_n, min_chunk)
     chunk_s = _round_up(max(min_chunk, -(-suffix_tokens // max(target_programs, 1))), block_n)
     max_suffix = int(suffix_lens.max()) if bs > 0 else 0
     chunk_s = max(chunk_s, _round_up(-(-max_suffix // max_suffix_splits), block_n))
@@ -150,9 +223,9 @@ def build_work_plan(
 
     while True:
         pwork, pchunks = _segment_items(
-            prefix_lens, prefix_starts, chunk_p, tiles, member_indptr[:-1], num_members, members_per_tile
+            prefix_lens, prefix_starts, chunk_p, tiles, member_indptr[:-1], num_members, members_per_tile, block_n
         )
-        swork, schunks = _segment_items(suffix_lens, suffix_starts, chunk_s, ones, rows, ones, 1)
+        swork, schunks = _segment_items(suffix_lens, suffix_starts, chunk_s, ones, rows, ones, 1, block_n)
         # Parts of each membership = chunks of its group.
         mparts = pchunks[group_of]
         row_prefix_parts = np.bincount(member_rows, weights=mparts, minlength=bs).astype(np.int64)
@@ -188,6 +261,8 @@ def build_work_plan(
 
     return RelayWorkPlan(
         bs=bs,
+        target_programs=target_programs,
+        prefix_programs_per_head=prefix_programs_per_head,
         prefix_chunk=chunk_p,
         num_parts=num_parts,
         row_part_indptr=torch.from_numpy(row_part_indptr.astype(np.int32)),

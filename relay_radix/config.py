@@ -18,6 +18,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_GATE`` | 1 | relay a step's groups only where that is faster than vanilla decode (``relay_radix.gate``); 0 relays every qualifying group |
 | ``RELAY_RADIX_PLAN_REUSE`` | 1 | a decode step whose plan structure (groups, members, source rows) equals the last step's skips the prefix slot gather and the work-list build (FlashInfer suffixes only); 0 rebuilds every step |
 | ``RELAY_RADIX_PREFIX_TILE`` | 64x64x4x3 | Triton prefix launch: stacked query rows x keys per tile x warps x pipeline stages (``128x128x8x2`` and the others measured by ``bench/kernels/run.py --variants`` were slower on the serving shapes; ``bench/results/kernels-h100-s6-variants.md``) |
+| ``RELAY_RADIX_PREFIX_PROGRAMS`` | auto | Triton prefix launch beside the suffix decode: ``G`` or ``G/S``, a persistent grid of ``G`` programs per SM whose steps with a short prefix pass (``relay_radix.kernels.triton_relay.LONG_PREFIX_TILE_TOKENS_PER_SM``) use only ``S`` per SM (``G`` alone: always all ``G``); ``auto``: the kernel's default, ``2`` (one per SM measured slower inside the server, session 14) |
 | ``RELAY_RADIX_SLOT_RUNS`` | 1 | Triton prefix launch: a chunk of a shared prefix whose KV slots are one consecutive run (a prompt prefilled in one piece from SGLang's sorted free list) is read by TMA instead of per-row gathers (Hopper and newer; other chunks are gathered); 0 gathers every chunk |
 | ``RELAY_RADIX_SORT_FREE_SLOTS`` | 1 | SGLang's token allocator re-sorts its free slots when its free list runs short (its own ``need_sort``), so prompts prefilled after the pool's first pass still get consecutive slots (``relay_radix.kv_slots.keep_free_slots_sorted``); 0 leaves the allocator as SGLang made it |
 | ``RELAY_RADIX_PLAIN_GRAPHS`` | 1 | decode CUDA graphs are captured twice per batch size: the relay graph, and a plain one (FlashInfer decode over whole sequences, vanilla's kernel) replayed for steps with no relay group (``relay_radix.patches.cuda_graph``; FlashInfer suffixes only); 0 captures the relay graph only |
@@ -64,6 +65,7 @@ class RelayConfig:
     sort_free_slots: bool = True
     consecutive_alloc: int = 1024  # min slots of an allocation that looks for a consecutive run (0: off)
     prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
+    prefix_programs: str = "auto"  # programs per SM of the prefix grid, "G" or "G/S" (short steps: S)
 
     def __post_init__(self):
         if self.min_group_size < 2:
@@ -88,7 +90,7 @@ class RelayConfig:
             raise ValueError(
                 f"RELAY_RADIX_SUFFIX={self.suffix!r}: choose one of {', '.join(SUFFIX_CHOICES)}"
             )
-        self.prefix_launch()  # validates prefix_tile
+        self.prefix_launch()  # validates prefix_tile and prefix_programs
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_KERNEL={self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}"
@@ -108,8 +110,16 @@ class RelayConfig:
             raise ValueError(
                 f"RELAY_RADIX_PREFIX_TILE={self.prefix_tile!r}: write BLOCK_MxBLOCK_NxWARPSxSTAGES with "
                 "BLOCK_M, BLOCK_N in 16/32/64/128, WARPS 4 or 8, STAGES 1-4 (default 64x64x4x3)")
-        return dict(prefix_block_m=block_m, block_n=block_n, num_warps_prefix=warps, num_stages_prefix=stages,
-                    prefix_slot_runs=None if self.slot_runs else False)
+        launch = dict(prefix_block_m=block_m, block_n=block_n, num_warps_prefix=warps, num_stages_prefix=stages,
+                      prefix_slot_runs=None if self.slot_runs else False)
+        if self.prefix_programs != "auto":
+            grid, sep, short = self.prefix_programs.partition("/")
+            ok = grid.isdigit() and int(grid) >= 1 and (not sep or (short.isdigit() and 1 <= int(short) <= int(grid)))
+            if not ok:
+                raise ValueError(f"RELAY_RADIX_PREFIX_PROGRAMS={self.prefix_programs!r}: write auto, G or G/S "
+                                 "(programs per SM of the prefix grid, and of a short step's split; 1 <= S <= G)")
+            launch.update(programs_per_sm=int(grid), concurrent_programs_per_sm=int(short) if short else None)
+        return launch
 
     def suffix_kernel(self) -> str:
         """Where suffixes run on CUDA: FlashInfer decode unless asked otherwise or the base
@@ -138,4 +148,5 @@ class RelayConfig:
             sort_free_slots=_env_int("RELAY_RADIX_SORT_FREE_SLOTS", 1) != 0,
             consecutive_alloc=_env_int("RELAY_RADIX_CONSECUTIVE_ALLOC", 1024),
             prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
+            prefix_programs=os.environ.get("RELAY_RADIX_PREFIX_PROGRAMS") or "auto",
         )

@@ -294,10 +294,14 @@ def test_flashinfer_path_logic_with_fake_wrappers(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-def test_external_suffix_state_merged_in_place(dtype, hq, hkv):
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_external_suffix_state_merged_in_place(dtype, hq, hkv, concurrent):
     """The server's path: each row's suffix state is computed outside (FlashInfer paged decode in
     the server; the float64 oracle here) and handed in through ``o`` and a base-2 LSE; the
-    kernel merges the prefix parts on top. Rows in no group keep ``o`` bit for bit."""
+    kernel merges the prefix parts on top. Rows in no group keep ``o`` bit for bit.
+    ``concurrent`` (the server's side-stream prefix launch, asked to split a short step for one
+    program per SM: ``RELAY_RADIX_PREFIX_PROGRAMS=2/1``): half the persistent grid finds no work
+    item and must exit cleanly."""
     from relay_radix.reference import naive_decode_attention
 
     bs, d, seed = 9, 64, 21 + hq
@@ -313,9 +317,11 @@ def test_external_suffix_state_merged_in_place(dtype, hq, hkv):
     kw["suffix_kv_indices"] = None
     caps = dict(max_bs=bs, max_groups=len(groups), max_members=int(c["member_rows"].numel()),
                 max_prefix_tokens=int(c["prefix_kv_indices"].numel()), max_suffix_tokens=1)
-    w = TritonRelayDecode(hq, hkv, d, dtype, "cpu", external_suffix=True, **caps)
+    w = TritonRelayDecode(hq, hkv, d, dtype, "cpu", external_suffix=True, prefix_stream=concurrent,
+                          concurrent_programs_per_sm=1, num_sms=4, **caps)
     w.plan(**kw)
     assert w.last_plan.suffix_work.shape[0] == 0  # no suffix work: FlashInfer's job
+    assert w.last_plan.target_programs == 4 * (1 if concurrent else 2)
     o = suf_o.to(dtype).clone()
     before = o.clone()
     base_lse2 = (suf_lse / 0.6931471805599453).float()
@@ -327,6 +333,67 @@ def test_external_suffix_state_merged_in_place(dtype, hq, hkv):
     for r in range(bs):
         if r not in in_group:
             assert torch.equal(o[r], before[r]), f"row {r} (no group) was rewritten"
+
+
+def test_concurrent_prefix_split_follows_its_length():
+    """Beside the suffix decode, a short prefix pass is split for one program per SM and a long
+    one (the step's long pole) for the whole grid; without a concurrent decode, always the grid.
+    The chunk sizes follow: the long plan has twice the work items of a one-per-SM split."""
+    from relay_radix.kernels.triton_relay import LONG_PREFIX_TILE_TOKENS_PER_SM, planned_programs_per_sm
+
+    long = LONG_PREFIX_TILE_TOKENS_PER_SM
+    assert planned_programs_per_sm(long, concurrent=True, grid_programs_per_sm=2) == 1
+    assert planned_programs_per_sm(long + 1, concurrent=True, grid_programs_per_sm=2) == 2
+    # Off by default in the kernel object (the server measured the full grid faster).
+    assert TritonRelayDecode(4, 1, 64, torch.float32, "cpu", external_suffix=True, prefix_stream=True, num_sms=8,
+                             max_bs=4, max_groups=1, max_members=4, max_prefix_tokens=8,
+                             max_suffix_tokens=1).concurrent_programs_per_sm is None
+    assert planned_programs_per_sm(10, concurrent=False, grid_programs_per_sm=2) == 2
+    assert planned_programs_per_sm(10, concurrent=True, grid_programs_per_sm=2, concurrent_programs_per_sm=None) == 2
+    assert planned_programs_per_sm(10, concurrent=True, grid_programs_per_sm=1, concurrent_programs_per_sm=3) == 1
+
+    # One KV head, one member tile, 8 SMs: tile-tokens per SM = prefix / 8.
+    hq = hkv = 1
+    members = 4
+    for prefix, want in ((8 * long, 1), (8 * long + 64 * 8, 2)):
+        w = TritonRelayDecode(hq, hkv, 64, torch.float32, "cpu", external_suffix=True, prefix_stream=True,
+                              concurrent_programs_per_sm=1,
+                              num_sms=8, max_bs=members, max_groups=1, max_members=members,
+                              max_prefix_tokens=prefix, max_suffix_tokens=1, max_parts=1024)
+        w.plan(prefix_kv_indices=torch.arange(prefix, dtype=torch.int32), suffix_kv_indices=None,
+               prefix_lens_cpu=torch.tensor([prefix]), member_indptr_cpu=torch.tensor([0, members]),
+               member_rows_cpu=torch.arange(members), suffix_lens_cpu=torch.ones(members, dtype=torch.int64))
+        assert w.last_plan.target_programs == 8 * want, (prefix, w.last_plan.target_programs)
+        assert w.last_plan.prefix_work.shape[0] == 8 * want  # one chunk per planned program
+
+
+@pytest.mark.parametrize("members,prefix,programs", [(192, 12288, 33), (192, 16384, 16), (128, 24576, 16),
+                                                     (100, 5000, 7)])
+def test_prefix_chunks_are_balanced_over_the_programs(members, prefix, programs):
+    """The prefix items, dealt round robin to the programs of one KV head as the kernel walks them,
+    load the busiest program within 12% of an even split (plus one block of keys), where a chunk of
+    total/programs tokens left 36 items on 33 programs (12 tiles x 12K: one program in 11 doing two
+    items, 1.75x the even split); each segment is cut in equal pieces (the last one shorter), and
+    the items cover every (tile, key) of the segment exactly once."""
+    from relay_radix.kernels.work_plan import build_work_plan
+
+    mpt, hkv, block_n = 16, 8, 64
+    wp = build_work_plan(prefix_lens=torch.tensor([prefix]), member_indptr=torch.tensor([0, members]),
+                         member_rows=torch.arange(members), suffix_lens=torch.zeros(members, dtype=torch.int64),
+                         members_per_tile=mpt, num_kv_heads=hkv, target_programs=programs * hkv, block_n=block_n,
+                         min_chunk=256, max_suffix_splits=16, max_prefix_work=10**5, max_suffix_work=0,
+                         max_parts=10**6, prefix_programs_per_head=programs)
+    work = wp.prefix_work.numpy().astype(np.int64)
+    tiles = -(-members // mpt)
+    load = np.bincount(np.arange(len(work)) % programs, weights=work[:, 1], minlength=programs)
+    even = tiles * prefix / programs
+    assert load.max() <= 1.12 * even + block_n, (load.max(), even)
+    lens = sorted(set(work[:, 1].tolist()))
+    assert len(lens) == 1 or (len(lens) == 2 and lens[-1] % block_n == 0)  # equal pieces, a shorter last one
+    covered = np.zeros((tiles, prefix), dtype=np.int64)
+    for kv_start, kv_len, member_start, _, _ in work:
+        covered[member_start // mpt, kv_start:kv_start + kv_len] += 1
+    assert (covered == 1).all()
 
 
 def test_mismatched_inputs_are_refused_before_any_launch():

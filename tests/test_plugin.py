@@ -141,6 +141,16 @@ def test_config_from_env_validates(monkeypatch):
         with pytest.raises(ValueError, match="RELAY_RADIX_PREFIX_TILE"):
             RelayConfig.from_env()
     monkeypatch.delenv("RELAY_RADIX_PREFIX_TILE")
+    monkeypatch.setenv("RELAY_RADIX_PREFIX_PROGRAMS", "2/1")
+    assert RelayConfig.from_env().prefix_launch()["programs_per_sm"] == 2
+    assert RelayConfig.from_env().prefix_launch()["concurrent_programs_per_sm"] == 1
+    monkeypatch.setenv("RELAY_RADIX_PREFIX_PROGRAMS", "2")
+    assert RelayConfig.from_env().prefix_launch()["concurrent_programs_per_sm"] is None
+    for bad in ("0", "1/2", "two", "2/"):
+        monkeypatch.setenv("RELAY_RADIX_PREFIX_PROGRAMS", bad)
+        with pytest.raises(ValueError, match="RELAY_RADIX_PREFIX_PROGRAMS"):
+            RelayConfig.from_env()
+    monkeypatch.delenv("RELAY_RADIX_PREFIX_PROGRAMS")
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "cuda")
     with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL"):
         RelayConfig.from_env()

@@ -393,6 +393,17 @@ def timing_configs(quick: bool):
                                                          suffix_lo=129, suffix_hi=384)
 
 
+def ppsm_sweep_configs():
+    """Long prefixes x many members, where the prefix pass may outlast the concurrent suffix
+    decode: the configs that place ``LONG_PREFIX_TILE_TOKENS_PER_SM``
+    (``relay_radix.kernels.triton_relay``) on the server's path."""
+    for sname, hq, hkv, plens, batches in (("llama3-8b", 32, 8, (8192, 12288, 16384, 24576), (128, 192, 256)),
+                                            ("llama2-7b", 32, 32, (16384, 32768), (128, 256))):
+        for p in plens:
+            for b in batches:
+                yield f"{sname} P={p} B={b}", dict(hq=hq, hkv=hkv, d=128, bs=b, groups_spec=[[(0, b, p)]])
+
+
 # ----------------------------------------------------------------------------- correctness
 def correctness_rows(deadline):
     from tests._relay_gpu_checks import check, check_graph
@@ -537,6 +548,10 @@ def main():
     ap.add_argument("--variants-on-table", action="store_true",
                     help="time the launch variants on the timing table's configs (filtered by --configs) "
                          "instead of their own short list")
+    ap.add_argument("--variants-on-ppsm-sweep", action="store_true",
+                    help="time the launch variants on ppsm_sweep_configs() (long prefixes, many members; "
+                         "with --variants-on-table: both)")
+    ap.add_argument("--skip-table", action="store_true", help="no timing table (launch variants only)")
     ap.add_argument("--variant-path", choices=["triton", "server"], default="triton",
                     help="time the launch variants on relay-Triton (Triton suffix launch) or on the server's "
                          "path (FlashInfer suffix decode + the Triton prefix launch on a side stream)")
@@ -574,7 +589,7 @@ def main():
             raise SystemExit(f"unknown kernels {sorted(unknown)}; known: {', '.join(KERNELS)}")
         kernels = {k: KERNELS[k] for k in args.kernels.split(",")}
     res["args"] = vars(args)
-    for cname, spec in timing_configs(args.quick):
+    for cname, spec in ([] if args.skip_table else timing_configs(args.quick)):
         if args.configs and not re.search(args.configs, cname):
             continue
         if time.time() > deadline:
@@ -596,6 +611,12 @@ def main():
     variants = {"default": {}, "gather": dict(prefix_slot_runs=False), "bm128": dict(prefix_block_m=128), "bm128_w8": dict(prefix_block_m=128, num_warps_prefix=8),
                 "bn32": dict(block_n=32), "stages2": dict(num_stages_prefix=2, num_stages_suffix=2),
                 "ppsm1": dict(programs_per_sm=1), "ppsm4": dict(programs_per_sm=4),
+                # Two programs per SM, all busy on every step (the default); auto2: a grid of two,
+                # a short prefix split for one per SM (planned_programs_per_sm; before the server
+                # A/B of session 14, "default" in bench/results/kernels-h100-s14.md meant a grid
+                # of one for GQA >= 4 and auto2 otherwise).
+                "ppsm2": dict(programs_per_sm=2, concurrent_programs_per_sm=None),
+                "auto2": dict(programs_per_sm=2, concurrent_programs_per_sm=1),
                 "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,
                                                                        num_warps_prefix=8),
                 # FA3-like prefix tiles (128 x 128, two warpgroups): each KV tile feeds twice the
@@ -648,8 +669,10 @@ def main():
                         ("llama2-7b P=8192 B=128 prefix only", dict(hq=32, hkv=32, d=128, bs=128,
                                                                    groups_spec=[[(0, 128, 8192)]],
                                                                    suffix_lo=1, suffix_hi=1))]
-    if args.variants_on_table:
-        variant_configs = [] if args.no_variants else timing_configs(args.quick)
+    if args.variants_on_table or args.variants_on_ppsm_sweep:
+        variant_configs = [] if args.no_variants else (
+            (list(timing_configs(args.quick)) if args.variants_on_table else [])
+            + (list(ppsm_sweep_configs()) if args.variants_on_ppsm_sweep else []))
     for cname, spec in variant_configs:
         if time.time() > deadline:
             break
