@@ -304,6 +304,30 @@ def test_dry_run_rate_search_takes_each_systems_rates(capsys, tmp_path):
         run_serving.main(["--dry-run", "--rates-for", "relay", "--out", str(tmp_path / "out")])
 
 
+def test_first_start_on_a_fresh_machine_may_take_longer(monkeypatch, tmp_path):
+    """A server start that must compile FlashInfer first (no module on the machine yet) waits up to
+    FRESH_JIT_START_S instead of --server-timeout-s, never past the call's budget less 30 s; a
+    start that finds modules (compiled in FlashInfer's workspace, or installed as AOT modules from
+    .device/jit-cache.tar.xz) keeps the given timeout."""
+    fresh = run_serving.FRESH_JIT_START_S
+    assert run_serving.start_limit_s(300, 1000, fresh_jit=True) == fresh
+    assert run_serving.start_limit_s(300, 1000, fresh_jit=False) == 300
+    assert run_serving.start_limit_s(600, 1000, fresh_jit=True) == 600  # a larger given timeout stands
+    assert run_serving.start_limit_s(300, 200, fresh_jit=True) == 170  # the budget caps it
+    monkeypatch.setattr(run_serving, "FLASHINFER_WS", tmp_path / "fiws")
+    monkeypatch.setattr(run_serving, "SITE", tmp_path / "site")
+    assert not run_serving.flashinfer_modules_compiled()
+    aot = tmp_path / "site" / "flashinfer" / "data" / "aot" / "batch_decode_x"
+    aot.mkdir(parents=True)
+    (aot / "batch_decode_x.so").write_bytes(b"")
+    assert run_serving.flashinfer_modules_compiled()
+    (aot / "batch_decode_x.so").unlink()
+    ops = tmp_path / "fiws" / ".cache" / "flashinfer" / "0.6.14" / "90a" / "cached_ops" / "sampling"
+    ops.mkdir(parents=True)
+    (ops / "sampling.so").write_bytes(b"")
+    assert run_serving.flashinfer_modules_compiled()
+
+
 # --------------------------------------------------------------------------------- summarize
 def _record(tag, tok_s, tpot, total_input):
     return {"tag": tag, "backend": "sglang", "output_throughput": tok_s, "request_throughput": tok_s / 256,

@@ -65,6 +65,27 @@ DEFAULT_SLO_MS = {"llama2-7b-mha": 40.0, "llama3-8b-gqa": 25.0}
 SECOND_SERVER_EST_S = 110
 TRITON_CACHE = Path("/tmp/triton-cache")
 JIT_CACHE_TAR = REPO / ".device" / "jit-cache.tar.xz"
+# A server that starts on a machine with no FlashInfer module compiled yet (no
+# .device/jit-cache.tar.xz, nothing under FLASHINFER_WS) runs nvcc first: relay's first start on
+# such a machine passed --server-timeout-s's 300 s (s14-call5: FlashInfer's JIT, Triton's
+# compiles and two decode graphs per batch size), vanilla's took 139-163 s. That start may take
+# this long instead (within the call's budget).
+FRESH_JIT_START_S = 480
+
+
+def start_limit_s(server_timeout_s: float, left_s: float, fresh_jit: bool) -> float:
+    """Seconds to wait for a server's /health: ``--server-timeout-s``, raised to
+    ``FRESH_JIT_START_S`` when FlashInfer has compiled nothing on this machine yet, and never past
+    the call's budget (``left_s``) less 30 s for the stop."""
+    want = max(server_timeout_s, FRESH_JIT_START_S) if fresh_jit else server_timeout_s
+    return min(want, left_s - 30)
+
+
+def flashinfer_modules_compiled() -> bool:
+    """Whether FlashInfer has JIT modules on this machine (compiled here, or installed from
+    ``.device/jit-cache.tar.xz`` as AOT modules of the site)."""
+    return any(FLASHINFER_WS.glob(".cache/flashinfer/*/*/cached_ops/*/*.so")) or any(
+        (SITE / "flashinfer" / "data" / "aot").glob("*/*.so"))
 
 # The systems a call can start. relay and vanilla are twins: the second runs what the first
 # ran. The others are references that run only the workloads named here, after the twins.
@@ -535,7 +556,11 @@ class Driver:
         self.server = subprocess.Popen(cmd, cwd=WORK, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         log.close()
-        limit = min(a.server_timeout_s, self.left() - 30)
+        fresh = not flashinfer_modules_compiled()
+        limit = start_limit_s(a.server_timeout_s, self.left(), fresh)
+        if fresh:
+            self.log(f"no FlashInfer module compiled on this machine yet: {system} may take up to {limit:.0f}s "
+                     "to start (nvcc); start vanilla first on a fresh machine, or carry .device/jit-cache.tar.xz")
         while time.time() - t < limit:
             if self.server.poll() is not None:
                 self.fail(f"{system} server died during start (rc={self.server.returncode})", system)
