@@ -45,6 +45,10 @@ def _merge_parts_kernel(
     O,  # [bs, num_q_heads, head_dim] output dtype (HAS_BASE: holds the base state's o on entry)
     Lse_Out,  # [max_bs, num_q_heads] fp32, natural log
     Base_Lse2,  # HAS_BASE: [max_bs, num_q_heads] fp32 base-2 LSE of the base state in O
+    Pool_O,  # HAS_POOL: [max_rows, num_q_heads, head_dim] q.dtype, states of the pool prefix pass
+    Pool_Lse2,  # HAS_POOL: [max_rows, num_q_heads] fp32 base 2
+    Pool_Entry_Indptr,  # HAS_POOL: [max_bs+1] int32: row r's states are Pool_Entry_Pos[indptr[r]:indptr[r+1]]
+    Pool_Entry_Pos,  # HAS_POOL: [max_rows] int32 rows of Pool_O
     stride_po_p,
     stride_po_h,
     stride_pl_p,
@@ -52,12 +56,16 @@ def _merge_parts_kernel(
     stride_o_h,
     stride_lse_bs,
     stride_bl_bs,
+    stride_pool_o_p,
+    stride_pool_o_h,
+    stride_pool_l_p,
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,  # part slots folded per iteration (1: the plain loop)
     HAS_BASE: tl.constexpr,
+    HAS_POOL: tl.constexpr,
 ):
     row = tl.program_id(0)
     if row >= tl.load(Num_Rows):
@@ -74,10 +82,15 @@ def _merge_parts_kernel(
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     mask_o = mask
+    has_parts = end > start
+    if HAS_POOL:
+        e_start = tl.load(Pool_Entry_Indptr + row)
+        e_end = tl.load(Pool_Entry_Indptr + row + 1)
+        has_parts = has_parts | (e_end > e_start)
     if HAS_BASE:
         # A row with no part keeps o as it is: no load, no store of o (masks all false), so
         # with no sharing this launch costs the indptr and LSE reads and the LSE store.
-        mask_o = mask & (end > start)
+        mask_o = mask & has_parts
         # Base 2 -> natural log here: the one boundary of this path.
         base_lse = tl.load(Base_Lse2 + r64 * stride_bl_bs + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
         base_o = tl.load(O + r64 * stride_o_bs + offs_h[:, None] * stride_o_h + offs_d[None, :], mask=mask_o, other=0.0)
@@ -106,6 +119,15 @@ def _merge_parts_kernel(
             l = l * alpha + tl.sum(w, 0)
             acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
             m = m_new
+    if HAS_POOL:
+        # States of the pool prefix pass (FlashInfer: o in q's dtype, base-2 LSE converted here).
+        for e in range(e_start, e_end):
+            p64 = tl.load(Pool_Entry_Pos + e).to(tl.int64)
+            lse = tl.load(Pool_Lse2 + p64 * stride_pool_l_p + offs_h, mask=mask_h,
+                          other=float("-inf")) * 0.6931471805599453
+            o = tl.load(Pool_O + p64 * stride_pool_o_p + offs_h[:, None] * stride_pool_o_h + offs_d[None, :],
+                        mask=mask, other=0.0)
+            m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
@@ -151,6 +173,7 @@ def launch_merge_parts(
     grid_rows: int,
     base_lse2: torch.Tensor | None = None,
     target_programs: int = 1,
+    pool=None,
 ) -> None:
     """Merge each row's part slots into ``o`` ``[bs, num_q_heads, head_dim]`` (written in full for
     ``row < num_rows[0]``) and ``lse_out`` ``[>=bs, num_q_heads]`` fp32 natural log.
@@ -163,6 +186,11 @@ def launch_merge_parts(
     base_lse2: ``[>=bs, num_q_heads]`` fp32 **base-2** LSE of a base state that ``o`` already holds
     (FlashInfer's decode output over each row's suffix). The row's parts are merged on top of it,
     in place; rows with no part keep ``o`` untouched (only their LSE is converted to ``lse_out``).
+
+    pool: ``(pool_o, pool_lse2, entry_indptr, entry_pos)``, the states of the pool prefix pass
+    (:mod:`relay_radix.kernels.pool_prefix`): row ``r`` also merges ``pool_o[p]`` /
+    ``pool_lse2[p]`` (q's dtype, **base-2** LSE) for ``p`` in ``entry_pos[entry_indptr[r] :
+    entry_indptr[r+1]]``.
     """
     num_q_heads, head_dim = o.shape[1], o.shape[2]
     assert o.stride(2) == 1 and part_o.stride(2) == 1 and part_lse.stride(1) == 1 and lse_out.stride(1) == 1
@@ -171,12 +199,17 @@ def launch_merge_parts(
     grid = (max(1, grid_rows), triton.cdiv(num_q_heads, block_h))
     has_base = base_lse2 is not None
     bl = base_lse2 if has_base else lse_out  # unused pointer when not HAS_BASE
+    if pool is not None:
+        pool_o, pool_lse2, entry_indptr, entry_pos = pool
+        assert pool_o.stride(2) == 1 and pool_lse2.stride(1) == 1 and pool_o.shape[1:] == o.shape[1:]
+    else:  # unused pointers when not HAS_POOL
+        pool_o, pool_lse2, entry_indptr, entry_pos = part_o, part_lse, row_part_indptr, row_part_indptr
     _merge_parts_kernel[grid](
-        part_o, part_lse, row_part_indptr, num_rows, o, lse_out, bl,
+        part_o, part_lse, row_part_indptr, num_rows, o, lse_out, bl, pool_o, pool_lse2, entry_indptr, entry_pos,
         part_o.stride(0), part_o.stride(1), part_lse.stride(0), o.stride(0), o.stride(1), lse_out.stride(0),
-        bl.stride(0),
+        bl.stride(0), pool_o.stride(0), pool_o.stride(1), pool_lse2.stride(0),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_H=block_h,
-        BLOCK_P=block_p, HAS_BASE=has_base, num_warps=4,
+        BLOCK_P=block_p, HAS_BASE=has_base, HAS_POOL=pool is not None, num_warps=4,
     )
 
 

@@ -13,6 +13,11 @@ fixed-grid launches that read only those buffers, q and the layer's KV pool:
 So ``run`` can be captured in a CUDA graph once and replayed after any later ``plan`` that
 fits the capacities given to ``__init__``.
 
+``prefix_pool="fa3"`` (the server's default for GQA models on Hopper): groups whose segment is one
+run of consecutive slots go to FlashInfer's FA3 prefill over the pool in place
+(:mod:`relay_radix.kernels.pool_prefix`, launched before launch 1 on the same stream), and launch
+3 also folds their states.
+
 ``external_suffix=True`` (the server's default on CUDA): the suffixes are attended by ordinary
 paged decode outside this object (SGLang's FlashInfer decode wrapper, the kernel vanilla
 decode uses), which writes each row's suffix state into ``o`` and a base-2 LSE; ``run`` then
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from .pool_prefix import POOL_MIN_ROWS, PoolPrefixPass, plan_pool_requests
 from .triton_merge import launch_merge_parts
 from .triton_segment import launch_segment_attention
 from .work_plan import WORK_FIELDS, RelayWorkPlan, build_work_plan, prefix_tile_tokens, run_one_shot
@@ -117,6 +123,14 @@ class TritonRelayDecode:
             ``RELAY_RADIX_SORT_FREE_SLOTS``); on the H100 here the run loop took
             the GQA-4 8K x 128 prefix pass from 70.8 to 47.2 us, MHA 16K from 148 to 131 us
             (``bench/results/prefix-probe-h100.md``). Items that are not one run are gathered.
+        prefix_pool: groups whose segment is one run of slots (``plan(prefix_first_slot_cpu=...)``)
+            are attended by FlashInfer's FA3 prefill reading the pool in place
+            (:mod:`relay_radix.kernels.pool_prefix`; Hopper, no logit cap); the other groups of
+            the step take the Triton launch, and the merge folds both. ``"fa3"`` or ``"torch"``
+            (the same requests in a float32 PyTorch loop: CPU tests of the layout); ``None``: off.
+        pool_max_rows: stacked query rows (members x splits) of the pool pass (default ``4 * max_bs``).
+        pool_min_rows: a group goes to the pool pass only with at least this many stacked rows
+            (members x GQA heads; default ``pool_prefix.POOL_MIN_ROWS``: smaller ones were slower there).
     """
 
     def __init__(
@@ -149,6 +163,9 @@ class TritonRelayDecode:
         prefix_stream: bool = False,
         k_row_major: bool = False,
         prefix_slot_runs: bool | None = None,
+        prefix_pool: str | None = None,
+        pool_max_rows: int | None = None,
+        pool_min_rows: int = POOL_MIN_ROWS,
     ) -> None:
         assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads (GQA)"
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
@@ -190,10 +207,22 @@ class TritonRelayDecode:
         s_per_head = max(1, self.num_sms * suffix_programs_per_sm // num_kv_heads)
         self.suffix_programs = min(self.max_suffix_work, s_per_head)
 
+        # Pool prefix pass: one wave of FA3 CTAs needs at most ~num_sms splits over all groups, plus
+        # one gap request between consecutive groups' runs.
+        self.pool = None
+        self.pool_min_rows = pool_min_rows
+        pool_rows = 0
+        if prefix_pool is not None:
+            pool_rows = pool_max_rows or 4 * max_bs
+            self.pool = PoolPrefixPass(num_q_heads, num_kv_heads, head_dim, dtype, self.device,
+                                       max_requests=2 * max_groups + self.num_sms, max_rows=pool_rows,
+                                       backend=prefix_pool)
+
         # One packed int32 table (one H2D copy per plan): views at fixed offsets.
         sizes = dict(counts=4, row_part_indptr=max_bs + 1, prefix_slot_base=max(1, max_members),
                      member_rows=max(1, max_members), prefix_work=self.max_prefix_work * WORK_FIELDS,
-                     suffix_work=self.max_suffix_work * WORK_FIELDS)
+                     suffix_work=self.max_suffix_work * WORK_FIELDS, pool_num_rows=1,
+                     pool_q_rows=max(1, pool_rows), pool_entry_indptr=max_bs + 1, pool_entry_pos=max(1, pool_rows))
         self._offsets, off = {}, 0
         for k, n in sizes.items():
             self._offsets[k] = (off, n)
@@ -217,6 +246,10 @@ class TritonRelayDecode:
         self.num_suffix_work = self.counts[1:2]
         self.num_rows = self.counts[2:3]
         self.num_prefix_active = self.counts[3:4]
+        self.pool_num_rows = self._view("pool_num_rows")
+        self.pool_q_rows = self._view("pool_q_rows")
+        self.pool_entry_indptr = self._view("pool_entry_indptr")
+        self.pool_entry_pos = self._view("pool_entry_pos")
         self.row_arange = torch.arange(max_bs, dtype=torch.int32, device=self.device)
 
         self._prefix_kv_indices = torch.zeros(max(1, max_prefix_tokens), dtype=torch.int32, device=self.device)
@@ -225,6 +258,7 @@ class TritonRelayDecode:
         self.part_lse = torch.empty((self.max_parts, num_q_heads), dtype=torch.float32, device=self.device)
         self.lse = torch.empty((max_bs, num_q_heads), dtype=torch.float32, device=self.device)
         self.last_plan: RelayWorkPlan | None = None
+        self.last_pool_plan = None
         # Made here, not in run(): a stream cannot be created during CUDA-graph capture.
         self._prefix_stream = torch.cuda.Stream(self.device) if prefix_stream and self.device.type == "cuda" else None
 
@@ -245,6 +279,7 @@ class TritonRelayDecode:
         member_indptr: torch.Tensor | None = None,
         member_rows: torch.Tensor | None = None,
         suffix_kv_indptr: torch.Tensor | None = None,
+        prefix_first_slot_cpu: torch.Tensor | None = None,
     ) -> RelayWorkPlan:
         """Host work of one decode step: build work lists, fill the static buffers.
 
@@ -261,6 +296,10 @@ class TritonRelayDecode:
             prefix_kv_indptr, member_indptr, member_rows, suffix_kv_indptr: the device copies of
                 the same CSR arrays; unused here (offsets come from the CPU lengths, so plan never
                 reads the device), accepted so both relay paths take one call.
+            prefix_first_slot_cpu: ``[num_groups]`` CPU int64, with ``prefix_pool``: a group's first
+                slot when its segment is one run of consecutive slots (``prefix_kv_indices`` of the
+                group equal ``first + arange(len)``), else -1. Such groups go to the pool pass.
+                The caller vouches for it (the pool pass reads those slots without the list).
 
         Returns the :class:`RelayWorkPlan` (also kept as ``self.last_plan``). Issues only
         stream-ordered copies: no device synchronisation.
@@ -277,6 +316,23 @@ class TritonRelayDecode:
             suffix_kv_indices = prefix_kv_indices[:0]
         npt, nst = int(prefix_kv_indices.numel()), int(suffix_kv_indices.numel())
         assert npt <= self._prefix_kv_indices.numel() and nst <= self._suffix_kv_indices.numel(), "KV tokens over capacity"
+        pool_plan = None
+        if self.pool is not None:
+            first = prefix_first_slot_cpu if prefix_first_slot_cpu is not None \
+                else torch.full((int(prefix_lens_cpu.numel()),), -1, dtype=torch.int64)
+            pool_plan = plan_pool_requests(
+                first, prefix_lens_cpu, member_indptr_cpu, member_rows_cpu, bs=bs, gqa=self.gqa,
+                num_kv_heads=self.num_kv_heads, num_sms=self.num_sms, max_requests=self.pool.max_requests,
+                max_rows=self.pool.max_rows, min_rows=self.pool_min_rows)
+            if pool_plan.taken.any():
+                # The Triton launch keeps the other groups: taken groups keep their place in the
+                # slot list (offsets unchanged) with no member, so they get no work item.
+                counts = (member_indptr_cpu[1:] - member_indptr_cpu[:-1]).to(torch.int64)
+                taken = torch.from_numpy(pool_plan.taken)
+                member_rows_cpu = member_rows_cpu[~torch.repeat_interleave(taken, counts)]
+                member_indptr_cpu = torch.zeros_like(member_indptr_cpu)
+                member_indptr_cpu[1:] = torch.cumsum(counts.masked_fill(taken, 0), 0)
+                nm = int(member_rows_cpu.numel())
         per_sm = prefix_tile_tokens(prefix_lens_cpu, member_indptr_cpu, self.members_per_tile) \
             * self.num_kv_heads / self.num_sms
         pps = planned_programs_per_sm(per_sm, concurrent=self.concurrent, grid_programs_per_sm=self.programs_per_sm,
@@ -307,6 +363,12 @@ class TritonRelayDecode:
         put("member_rows", member_rows_cpu.to(torch.int32))
         put("prefix_work", wp.prefix_work)
         put("suffix_work", wp.suffix_work)
+        if pool_plan is not None:
+            put("pool_num_rows", torch.tensor([pool_plan.num_rows], dtype=torch.int32))
+            put("pool_q_rows", torch.from_numpy(pool_plan.q_rows))
+            put("pool_entry_indptr", torch.from_numpy(pool_plan.entry_indptr))
+            put("pool_entry_pos", torch.from_numpy(pool_plan.entry_pos))
+            self.pool.plan(pool_plan)
         non_blocking = self.device.type == "cuda"
         self._meta.copy_(st, non_blocking=non_blocking)
         if non_blocking:
@@ -318,6 +380,7 @@ class TritonRelayDecode:
         if nst:
             self._suffix_kv_indices[:nst].copy_(suffix_kv_indices, non_blocking=non_blocking)
         self.last_plan = wp
+        self.last_pool_plan = pool_plan
         return wp
 
     def run(
@@ -358,7 +421,13 @@ class TritonRelayDecode:
         common = dict(q=q, k_buffer=k_buffer, v_buffer=v_buffer, part_o=self.part_o, part_lse=self.part_lse,
                       sm_scale=sm_scale, logit_cap=logit_cap, block_n=self.block_n, k_row_major=self.k_row_major)
 
+        if self.pool is not None:
+            assert logit_cap == 0.0, "prefix_pool: FlashInfer's pool pass is planned without a logit cap"
+
         def launch_prefix():
+            if self.pool is not None:
+                self.pool.run(q, k_buffer, v_buffer, q_rows=self.pool_q_rows, num_rows=self.pool_num_rows,
+                              sm_scale=sm_scale)
             launch_segment_attention(
                 kv_indices=self._prefix_kv_indices, rows=self.member_rows, slot_base=self.prefix_slot_base,
                 work=self.prefix_work, num_work=self.num_prefix_work, num_programs=self.prefix_programs,
@@ -399,6 +468,8 @@ class TritonRelayDecode:
             part_o=self.part_o, part_lse=self.part_lse, row_part_indptr=self.row_part_indptr,
             num_rows=self.num_rows, o=o, lse_out=self.lse, grid_rows=min(self.max_bs, o.shape[0]),
             base_lse2=base_lse2, target_programs=self.num_sms,
+            pool=None if self.pool is None else (self.pool.o, self.pool.lse2, self.pool_entry_indptr,
+                                                 self.pool_entry_pos),
         )
         return o
 

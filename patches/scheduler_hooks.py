@@ -102,7 +102,8 @@ def after_scheduler_init(result, self, *args, **kwargs):
 
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
         lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None),
-        host=backend.host, slot_breaks=backend.slot_breaks, unplanned_source=lambda: backend.plans_without_scheduler))
+        host=backend.host, slot_breaks=backend.slot_runs, unplanned_source=lambda: backend.plans_without_scheduler,
+        pool_source=lambda: backend.pool_groups))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
@@ -145,7 +146,8 @@ def before_run_batch(self, batch, *args, **kwargs):
         backend.host.add_hook(time.perf_counter() - t0)
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:
-            prom.observe(stats, backend.host, backend.slot_breaks.poll(), backend.plans_without_scheduler)
+            prom.observe(stats, backend.host, backend.slot_runs.poll(), backend.plans_without_scheduler,
+                         pool_groups=backend.pool_groups)
     else:
         backend.set_next_plan(None)
     return None

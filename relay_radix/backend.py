@@ -33,7 +33,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from relay_radix.config import RelayConfig
 from relay_radix.gate import AttentionDims
-from relay_radix.kv_slots import SlotBreakCounter, gather_ranges
+from relay_radix.kv_slots import PrefixSlotRuns, gather_ranges
 from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan
 from relay_radix.reference import relay_decode_attention
 
@@ -79,10 +79,15 @@ class RelayAttnBackend(AttentionBackend):
         hf = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
         cap = float(getattr(hf, "attn_logit_softcapping", None) or 0.0)
         self._plan_extra = dict(logit_cap=cap) if self.config.kernel == "flashinfer" else {}
+        self._model_logit_cap = cap
         self._eager_kernel = None  # larger eager batches
         self._kernel = None  # the object planned for the current step
         self._cpu_slots: dict | None = None  # CPU path: slot lists of the current step
-        self.slot_breaks = SlotBreakCounter()  # prefix slot-run breaks (TMA vs gather loop), no sync
+        # Prefix slot runs, learned on the device with no sync: the break count (TMA vs gather loop)
+        # and each group's first slot when its segment is one run (the pool prefix pass).
+        self.slot_runs = PrefixSlotRuns()
+        # Groups the last relay step attended with the pool prefix pass (None: the pass is off).
+        self.pool_groups: int | None = None
         # Plain steps (no group: suffix decode only). ``plain_graphs``: the decode runner captured
         # a plain graph per batch size next to the relay one (set by relay_radix.patches.cuda_graph);
         # ``step_is_plain``: the step being run (or captured) takes the plain path.
@@ -124,11 +129,48 @@ class RelayAttnBackend(AttentionBackend):
 
         concurrent = self.suffix is not None and self.config.prefix_stream
         launch = self.config.prefix_launch()
-        logger.info("relay-radix: triton decode kernels, capacity %s, prefix launch %s, prefix on a side stream: %s",
-                    caps, launch, concurrent)
+        pool = self._prefix_pool()
+        logger.info("relay-radix: triton decode kernels, capacity %s, prefix launch %s, prefix on a side stream: %s, "
+                    "pool prefix pass (FlashInfer FA3 over one-run segments): %s", caps, launch, concurrent, pool or "off")
         return TritonRelayDecode(d.num_q_heads, d.num_kv_heads, d.head_dim, self.kv_dtype, self.device,
                                  external_suffix=self.suffix is not None, prefix_stream=concurrent,
-                                 **launch, **caps)
+                                 prefix_pool=pool, pool_min_rows=self.config.prefix_pool_min_rows, **launch, **caps)
+
+    def _prefix_pool(self) -> str | None:
+        """``"fa3"`` when the pool prefix pass runs (``RELAY_RADIX_PREFIX_POOL``), else ``None``.
+
+        It needs FlashInfer's SM90 prefill (compute capability 9.x), a bf16/fp16 KV cache, head_dim
+        64/128/256, no attention logit cap (planned without one) and FlashInfer suffixes (the
+        relay kernel's merge folds its states onto theirs). ``fa3`` refuses a model or GPU that
+        lacks one of these; ``auto`` then leaves every group to the Triton launch, and also turns
+        it off for models without grouped-query attention: their groups stack one row per member,
+        so they reach ``RELAY_RADIX_PREFIX_POOL_MIN_ROWS`` rows only with as many members, and
+        on MHA the pass was no faster (session 15, H100: 0.93-1.05x up to 256 members), while
+        its launches would run (idle) in every relay step."""
+        choice = self.config.prefix_pool
+        if choice == "off":
+            return None
+        if choice == "auto" and self.dims.num_q_heads == self.dims.num_kv_heads:
+            logger.info("relay-radix: pool prefix pass off (auto: a model without grouped-query attention)")
+            return None
+        why = []
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device)[0] != 9:
+            why.append("a Hopper GPU (compute capability 9.x)")
+        if self.kv_dtype not in (torch.bfloat16, torch.float16):
+            why.append(f"a bf16/fp16 KV cache (this one is {self.kv_dtype})")
+        if self.dims.head_dim not in (64, 128, 256):
+            why.append(f"head_dim 64, 128 or 256 (this model has {self.dims.head_dim})")
+        if self._model_logit_cap > 0:
+            why.append("a model without attention logit soft-capping")
+        if self.suffix is None:
+            why.append("FlashInfer suffixes (RELAY_RADIX_SUFFIX=flashinfer)")
+        if not why:
+            return "fa3"
+        if choice == "fa3":
+            raise ValueError("RELAY_RADIX_PREFIX_POOL=fa3 needs " + ", ".join(why)
+                             + "; set RELAY_RADIX_PREFIX_POOL=auto (Triton prefix launch where it cannot run) or off")
+        logger.info("relay-radix: pool prefix pass off (it needs %s)", ", ".join(why))
+        return None
 
     def _kernel_for(self, bs: int, *, graph: bool, in_capture: bool):
         """The kernel object whose static buffers hold a batch of ``bs`` rows.
@@ -262,7 +304,8 @@ class RelayAttnBackend(AttentionBackend):
         prefix_lens = plan.prefix_lens.to(torch.int64)
         kernel = self._kernel = self._kernel_for(bs, graph=graph, in_capture=in_capture)
         self.step_is_plain = kernel is not None and self._takes_plain_path(plan, in_capture=in_capture, graph=graph)
-        key = None
+        key = first_slots = None
+        keys = plan.segment_keys()  # run-table keys of the groups (relay_radix.kv_slots.PrefixSlotRuns)
         if kernel is not None and self.suffix is not None:
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
             assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
@@ -270,8 +313,14 @@ class RelayAttnBackend(AttentionBackend):
             if self.step_is_plain:
                 # No prefix plan: the relay kernel does not run, and its static buffers keep the
                 # plan (and ``_relay_plan_key``) of the last relay step, which stay valid.
+                if self.pool_groups is not None:
+                    self.pool_groups = 0
                 return False
             suffix_idx = None  # FlashInfer's wrapper holds the suffix slots
+            if getattr(kernel, "pool", None) is not None:
+                # Groups whose segment is known to be one run of slots go to the pool pass; a
+                # group learned since the last plan changes this, so it is part of the reuse key.
+                first_slots = self.slot_runs.run_starts(keys)
             if self.config.plan_reuse:
                 # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its
                 # static buffers hold (``_relay_plan_key`` = (padded bs, plan structure id), set
@@ -280,14 +329,14 @@ class RelayAttnBackend(AttentionBackend):
                 # hence equal slot lists: a group's segment is the pinned tree node's KV, which
                 # any member row holds at the same slots. Sequence lengths change every step, but
                 # only the suffixes (planned by FlashInfer above, every step) depend on them.
-                key = (bs, plan.structure_id)
+                key = (bs, plan.structure_id, None if first_slots is None else first_slots.numpy().tobytes())
                 if getattr(kernel, "_relay_plan_key", None) == key:
                     return True  # the static buffers already hold this plan
         else:
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
         if not in_capture:
-            self.slot_breaks.count(prefix_idx, prefix_lens)
+            self.slot_runs.count(prefix_idx, prefix_lens, keys)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,
@@ -300,8 +349,11 @@ class RelayAttnBackend(AttentionBackend):
             prefix_kv_indices=prefix_idx, suffix_kv_indices=suffix_idx,
             prefix_lens_cpu=prefix_lens, member_indptr_cpu=plan.member_indptr.to(torch.int64),
             member_rows_cpu=plan.member_rows, suffix_lens_cpu=suffix_lens, **self._plan_extra,
+            **({} if first_slots is None else dict(prefix_first_slot_cpu=first_slots)),
         )
         kernel._relay_plan_key = key
+        if getattr(kernel, "pool", None) is not None:
+            self.pool_groups = int(kernel.last_pool_plan.taken.sum())
         return False
 
     def init_forward_metadata_in_graph(self, fb):

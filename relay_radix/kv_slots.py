@@ -15,7 +15,11 @@ read only relay's own static buffers, never ``req_to_token``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -72,57 +76,107 @@ def gather_ranges(
     return req_to_token[rows_d[which], pos].to(torch.int32)
 
 
-class SlotBreakCounter:
-    """Breaks in the consecutive-slot runs of each step's shared-prefix slot lists.
+class PrefixSlotRuns:
+    """Consecutive-slot runs of each step's shared-prefix slot lists, learned without a host sync.
 
-    The Triton prefix kernel reads a prefix chunk with TMA only when its slots are one run
-    (``RELAY_RADIX_SLOT_RUNS``); every break sends the chunk(s) around it to the slower gather
-    loop. This count makes that visible (decode log line ``prefix slot breaks B``, Prometheus
-    ``sglang:relay_prefix_slot_breaks``) instead of a silent slowdown. Boundaries between
-    groups are not breaks. Counted on the device when a new prefix plan is built and copied
-    back without a sync: :attr:`last` is the newest count whose copy has finished (``None``
-    before the first).
+    Two readers:
+      * the break count (decode log line ``prefix slot breaks B``, Prometheus
+        ``sglang:relay_prefix_slot_breaks``): the Triton prefix kernel reads a chunk by TMA only
+        when its slots are one run, and every break sends the chunk(s) around it to the slower
+        gather loop; boundaries between groups are not breaks. :attr:`last` is the newest
+        finished count (``None`` before the first);
+      * the *run table*: for a group's segment that is one run, its first slot, which the pool
+        prefix pass (:mod:`relay_radix.kernels.pool_prefix`) needs on the host to plan
+        FlashInfer's absolute ``kv_indptr`` (:meth:`run_starts`).
+
+    Both are computed on the device when a new prefix slot list is gathered and copied back
+    asynchronously (pinned memory, an event per copy); :meth:`poll` takes the copies that have
+    finished, so a new group is known a step or two after it first runs (until then it takes
+    the Triton launch).
+
+    Why a group's first slot can be reused in later steps: the key is ``(head node id, start,
+    end)``. Every member row holds the tree's KV at the positions of its groups (a row is
+    counted under the node whose KV it shares, ``relay_radix.groups``); the head is pinned while
+    the group lives, so those slots are neither evicted nor moved (a split keeps the KV where
+    it is); node ids come from SGLang's global counter and are never reused. A later gather of
+    the same key that finds other slots breaks that argument: the table is then switched off
+    for the process, with an error in the log, and every group takes the Triton launch.
     """
+
+    MAX_PENDING = 8  # copies in flight; more are skipped (the next new slot list counts again)
+    MAX_TABLE = 4096  # run table entries kept (old keys are dropped when it grows past this)
 
     def __init__(self) -> None:
         self.last: int | None = None
-        self._host: torch.Tensor | None = None
-        self._event = None
+        self.table: dict[tuple, int] = {}  # (head id, start, end) -> first slot, or -1: not one run
+        self.disabled = False
+        self._pending: list = []  # (event | None, host int64 [1 + G], keys)
 
-    def count(self, prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor) -> None:
-        """Start counting the breaks of ``prefix_idx`` (``[sum(prefix_lens_cpu)]`` int32, groups
-        concatenated)."""
+    def count(self, prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor, keys: list | None = None) -> None:
+        """Start counting ``prefix_idx`` (``[sum(prefix_lens_cpu)]`` int32, groups concatenated);
+        ``keys``: the groups' run-table keys (``None``: the break count only)."""
         self.poll()
-        on_cuda = prefix_idx.device.type == "cuda"
-        if on_cuda and self._event is not None:  # the previous count has not landed: keep the older value
-            return
-        n = int(prefix_idx.numel())
-        if n < 2:
+        lens = prefix_lens_cpu.to(torch.int64).reshape(-1)
+        n, ng = int(prefix_idx.numel()), int(lens.numel())
+        if n == 0 or ng == 0:
             self.last = 0
             return
-        brk = prefix_idx[1:] != prefix_idx[:-1] + 1  # [n-1]: slot i+1 does not follow slot i
-        ends = torch.cumsum(prefix_lens_cpu.to(torch.int64), 0)[:-1] - 1  # last token of each group but the last
-        ends = ends[(ends >= 0) & (ends < n - 1)]
-        if ends.numel():
-            # index_fill_ takes the value as a scalar: ``brk[idx] = False`` would copy a host
-            # tensor False to the device with a stream sync.
-            brk.index_fill_(0, to_device_async(ends, prefix_idx.device), False)
-        total = brk.sum()
-        if not on_cuda:
-            self.last = int(total)
+        on_cuda = prefix_idx.device.type == "cuda"
+        if on_cuda and len(self._pending) >= self.MAX_PENDING:
             return
-        if self._host is None:
-            self._host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
-        self._host.copy_(total.reshape(1), non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        idx = prefix_idx.to(torch.int64)
+        # breaks[i] for adjacency (i, i+1); cum[i] = breaks among adjacencies < i.
+        brk = (idx[1:] != idx[:-1] + 1).to(torch.int64)
+        cum = torch.cat([brk.new_zeros(1), torch.cumsum(brk, 0)])
+        ends = torch.cumsum(lens, 0)
+        starts = ends - lens
+        # A group's internal adjacencies are starts .. ends-2: breaks = cum[end-1] - cum[start].
+        se = to_device_async(torch.stack([starts, (ends - 1).clamp(min=0), lens]), idx.device)
+        s_d, e_d, len_d = se[0].clamp(max=n - 1), se[1], se[2]
+        inside = cum[e_d] - cum[s_d]
+        first = torch.where((len_d > 0) & (inside == 0), idx[s_d], torch.full_like(inside, -1))
+        out = torch.cat([inside.where(len_d > 0, torch.zeros_like(inside)).sum().reshape(1), first])
+        if not on_cuda:
+            self._take(out, keys)
+            return
+        host = torch.empty(1 + ng, dtype=torch.int64, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._pending.append((ev, host, keys))
+
+    def _take(self, host: torch.Tensor, keys: list | None) -> None:
+        self.last = int(host[0])
+        if keys is None or self.disabled:
+            return
+        if len(self.table) > self.MAX_TABLE:
+            self.table.clear()
+        for key, first in zip(keys, host[1:].tolist()):
+            old = self.table.get(key)
+            if old is not None and old != first:
+                self.disabled = True
+                self.table.clear()
+                logger.error(
+                    "relay-radix: group %s was at first slot %d and is now at %d (run %s); the pool prefix "
+                    "pass is switched off for this process (every group takes the Triton prefix launch). "
+                    "Please report this.", key, old, first, "ended" if first < 0 else "moved")
+                return
+            self.table[key] = first
 
     def poll(self) -> int | None:
-        """The newest finished count (never waits)."""
-        if self._event is not None and self._event.query():
-            self.last = int(self._host[0])
-            self._event = None
+        """Take the finished copies (never waits); returns the newest break count."""
+        while self._pending and self._pending[0][0].query():
+            _, host, keys = self._pending.pop(0)
+            self._take(host, keys)
         return self.last
+
+    def run_starts(self, keys: list) -> torch.Tensor:
+        """``[len(keys)]`` int64 (host): each group's first slot when its segment is known to be
+        one run, else -1 (not a run, or not learned yet)."""
+        self.poll()
+        if self.disabled:
+            return torch.full((len(keys),), -1, dtype=torch.int64)
+        return torch.tensor([self.table.get(k, -1) for k in keys], dtype=torch.int64)
 
 
 def keep_free_slots_sorted(allocator) -> bool:

@@ -35,8 +35,11 @@ RELAY_FLAGS = {
     "--relay-plain-graphs": ("RELAY_RADIX_PLAIN_GRAPHS", ("0", "1")),
     "--relay-gate": ("RELAY_RADIX_GATE", ("0", "1")),
     "--relay-consecutive-alloc": ("RELAY_RADIX_CONSECUTIVE_ALLOC", None),
+    "--relay-prefix-pool": ("RELAY_RADIX_PREFIX_POOL", ("auto", "fa3", "off")),
+    "--relay-prefix-pool-min-rows": ("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", None),
 }
-_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc")
+_INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc",
+              "--relay-prefix-pool-min-rows")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
 
 # Largest decode batch a relay launch captures in a CUDA graph (SGLang's default on an 80 GB GPU
@@ -74,6 +77,11 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
   --relay-consecutive-alloc N          RELAY_RADIX_CONSECUTIVE_ALLOC: allocations of >= N KV slots
                                        take the free window with the fewest breaks (default 1024;
                                        0 off)
+  --relay-prefix-pool {auto,fa3,off}   RELAY_RADIX_PREFIX_POOL: groups in one run of KV slots on
+                                       FlashInfer's FA3 prefill over the pool (default auto: GQA
+                                       models on Hopper)
+  --relay-prefix-pool-min-rows N       RELAY_RADIX_PREFIX_POOL_MIN_ROWS: fewest members x GQA
+                                       heads of a group it takes (default 512)
 
 Front end: with bursts of long text prompts, add SGLang's --enable-dynamic-batch-tokenizer
 (the launcher reminds you at start when neither it nor --tokenizer-worker-num > 1 is given).

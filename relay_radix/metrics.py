@@ -7,7 +7,9 @@
   touching SGLang's code). Host figures are means over the decode steps since the previous
   line. D is the rolling digest of the rank's decode plans: equal on every TP rank while their trees agree.
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
-  read by TMA; ``relay_radix.kv_slots.SlotBreakCounter``). Two figures appear only when not
+  read by TMA; ``relay_radix.kv_slots.PrefixSlotRuns``). With the pool prefix pass on
+  (``RELAY_RADIX_PREFIX_POOL``), ``pool pass P groups``: groups of the last relay step attended by
+  FlashInfer's FA3 over the pool (the others took the Triton launch). Two figures appear only when not
   zero, because each means relay is partly off: ``groups G (+N over RELAY_RADIX_MAX_GROUPS)``
   (qualifying groups left out), ``groups G (+N gated: faster unshared)`` (groups the gate left
   out because relaying them would not save time, ``relay_radix.gate``) and ``decode steps without a relay plan N`` (steps that reached
@@ -62,13 +64,15 @@ class DecodeLogFilter(logging.Filter):
     per step since the previous line; given ``digest_source``, the rolling plan digest) to
     SGLang's ``Decode batch`` log line."""
 
-    def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None, unplanned_source=None):
+    def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None, unplanned_source=None,
+                 pool_source=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
         self.digest_source = digest_source  # callable -> bytes | None
         self.host = host
-        self.slot_breaks = slot_breaks  # SlotBreakCounter | None
+        self.slot_breaks = slot_breaks  # PrefixSlotRuns | None
         self.unplanned_source = unplanned_source  # callable -> decode steps run without a plan so far
+        self.pool_source = pool_source  # callable -> groups on the pool prefix pass (None: pass off)
         self._host_mark = [0.0, 0.0, 0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -79,6 +83,8 @@ class DecodeLogFilter(logging.Filter):
             if self.slot_breaks is not None:
                 b = self.slot_breaks.poll()
                 extra = f"{extra}, prefix slot breaks {'-' if b is None else b}"
+            if self.pool_source is not None and (p := self.pool_source()) is not None:
+                extra = f"{extra}, pool pass {p} groups"
             if self.unplanned_source is not None and (n := self.unplanned_source()):
                 extra = f"{extra}, decode steps without a relay plan {n}"
             if self.digest_source is not None:
@@ -117,6 +123,8 @@ class RelayPrometheus:
                                         "backend without a scheduler plan (they ran with no groups)")
         self.prefix_slot_breaks = gauge("prefix_slot_breaks", "Breaks in the consecutive-slot runs of the newest "
                                         "prefix plan (each sends a prefix chunk from TMA to the gather loop)")
+        self.pool_groups = gauge("pool_groups", "Groups of the last relay step attended by the pool prefix pass "
+                                 "(FlashInfer FA3 over the KV pool; RELAY_RADIX_PREFIX_POOL)")
         self.kv_bytes_relay = Counter("sglang:relay_kv_bytes_read", "KV bytes decode attention read with relay",
                                       labelnames=names)
         self.kv_bytes_vanilla = Counter("sglang:relay_kv_bytes_vanilla", "KV bytes vanilla decode would have read",
@@ -131,16 +139,20 @@ class RelayPrometheus:
                                    "plainly (vanilla's decode kernel, no relay launch)", labelnames=names)
         self._host_mark = [0.0, 0.0, 0, 0, 0]
 
-    def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0) -> None:
+    def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0,
+                pool_groups: int | None = None) -> None:
         """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
-        call; ``slot_breaks``: the newest ``SlotBreakCounter`` count (None: none finished yet);
-        ``steps_without_plan``: the backend's running count of unplanned decode steps."""
+        call; ``slot_breaks``: the newest ``PrefixSlotRuns`` count (None: none finished yet);
+        ``steps_without_plan``: the backend's running count of unplanned decode steps;
+        ``pool_groups``: groups of the last relay step on the pool prefix pass (None: pass off)."""
         lb = self.labels
         self.groups_over_cap.labels(**lb).set(s.groups_over_cap)
         self.groups_gated.labels(**lb).set(s.groups_gated)
         self.steps_without_plan.labels(**lb).set(steps_without_plan)
         if slot_breaks is not None:
             self.prefix_slot_breaks.labels(**lb).set(slot_breaks)
+        if pool_groups is not None:
+            self.pool_groups.labels(**lb).set(pool_groups)
         self.groups.labels(**lb).set(s.groups)
         self.members.labels(**lb).set(s.members)
         self.shared_tokens.labels(**lb).set(s.shared_tokens)

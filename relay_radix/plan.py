@@ -53,6 +53,7 @@ class DecodeRelayPlan:
     group_start: torch.Tensor  # [G] first token position of the shared segment
     group_end: torch.Tensor  # [G] one past its last token position
     group_src_pool_idx: torch.Tensor  # [G] req_to_token row of one member (all hold the same slots there)
+    group_head_id: torch.Tensor  # [G] int64 id of the group's head tree node (SGLang's TreeNode.id)
     member_indptr: torch.Tensor  # [G+1] group g's members: member_rows[member_indptr[g]:member_indptr[g+1]]
     member_rows: torch.Tensor  # [M] batch rows, ascending within a group
     suffix_start: torch.Tensor  # [bs] first token position of the row's own part
@@ -80,6 +81,11 @@ class DecodeRelayPlan:
     @property
     def num_groups(self) -> int:
         return int(self.group_level.numel())
+
+    def segment_keys(self) -> list[tuple[int, int, int]]:
+        """``(head node id, start, end)`` per group: names a segment's KV slots while the group
+        lives (``relay_radix.kv_slots.PrefixSlotRuns``)."""
+        return list(zip(self.group_head_id.tolist(), self.group_start.tolist(), self.group_end.tolist()))
 
     @property
     def prefix_lens(self) -> torch.Tensor:
@@ -113,6 +119,7 @@ def empty_plan(seq_lens: torch.Tensor, req_pool_indices: torch.Tensor) -> Decode
         seq_lens=seq_lens.to(torch.int32).cpu(),
         req_pool_indices=req_pool_indices.to(torch.int32).cpu(),
         group_level=z, group_start=z, group_end=z, group_src_pool_idx=z,
+        group_head_id=torch.zeros(0, dtype=torch.int64),
         member_indptr=torch.zeros(1, dtype=torch.int32),
         member_rows=z,
         suffix_start=torch.zeros(bs, dtype=torch.int32),
@@ -192,6 +199,7 @@ def _build_structure(manager: "RelayGroupManager", reqs: Sequence["Req"], pool: 
         group_start=torch.tensor([g.start for g in groups], dtype=torch.int32),
         group_end=torch.tensor([g.end for g in groups], dtype=torch.int32),
         group_src_pool_idx=pool[member_rows[first_rows].long()],
+        group_head_id=torch.tensor([g.head.id for g in groups], dtype=torch.int64),
         member_indptr=member_indptr,
         member_rows=member_rows,
         suffix_start=torch.tensor(suffix_start, dtype=torch.int32),

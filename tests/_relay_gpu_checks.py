@@ -56,10 +56,13 @@ class HybridRelay:
     ``prefix_stream``: the prefix launch on a side stream, concurrent with the suffix decode
     (``RELAY_RADIX_PREFIX_STREAM``). ``plain``: a plan with no group decodes plainly, the
     FlashInfer decode writing ``o`` alone, as the server's plain graph does
-    (``RELAY_RADIX_PLAIN_GRAPHS``, ``relay_radix.patches.cuda_graph``)."""
+    (``RELAY_RADIX_PLAIN_GRAPHS``, ``relay_radix.patches.cuda_graph``). ``prefix="pool"``: groups
+    whose segment is one run of slots go to FlashInfer's FA3 over the pool
+    (``RELAY_RADIX_PREFIX_POOL``), the others to the Triton launch; ``pool_min_rows`` 1 (the
+    tests' small groups too), the server's default in the bench."""
 
     def __init__(self, hq: int, hkv: int, d: int, dtype: torch.dtype, prefix_stream: bool = False,
-                 prefix: str = "triton", plain: bool = False, **cap):
+                 prefix: str = "triton", plain: bool = False, pool_min_rows: int = 1, **cap):
         import flashinfer
 
         from relay_radix.kernels import FlashInferRelayDecode, TritonRelayDecode
@@ -69,7 +72,8 @@ class HybridRelay:
             self.tri = FlashInferRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True, **cap)
         else:
             self.tri = TritonRelayDecode(hq, hkv, d, dtype, "cuda", external_suffix=True,
-                                         prefix_stream=prefix_stream, **cap)
+                                         prefix_stream=prefix_stream, prefix_pool="fa3" if prefix == "pool" else None,
+                                         **({"pool_min_rows": pool_min_rows} if prefix == "pool" else {}), **cap)
         ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
         self.dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=hq // hkv >= 4)
         self.lse2 = torch.empty((cap["max_bs"], hq), dtype=torch.float32, device="cuda")
@@ -120,7 +124,8 @@ TRITON_VARIANTS = {
 
 # FlashInfer suffix + merged prefix parts (hybrid_plain: hybrid_stream that decodes a plan with no
 # group plainly, as the server's plain graph does).
-HYBRID_PATHS = ("hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain")
+# hybrid_pool: hybrid_stream with one-run segments on FlashInfer's FA3 over the pool.
+HYBRID_PATHS = ("hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain", "hybrid_pool")
 
 
 def make_wrapper(path: str, case, *, graph: bool = False, **cap):
@@ -132,9 +137,9 @@ def make_wrapper(path: str, case, *, graph: bool = False, **cap):
 
         return TritonRelayDecode(hq, hkv, d, case.q.dtype, "cuda", **TRITON_VARIANTS[path], **cap)
     if path in HYBRID_PATHS:
-        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path in ("hybrid_stream", "hybrid_plain"),
-                           prefix="flashinfer" if path == "hybrid_fi" else "triton", plain=path == "hybrid_plain",
-                           **cap)
+        prefix = {"hybrid_fi": "flashinfer", "hybrid_pool": "pool"}.get(path, "triton")
+        return HybridRelay(hq, hkv, d, case.q.dtype, prefix_stream=path in ("hybrid_stream", "hybrid_plain", "hybrid_pool"),
+                           prefix=prefix, plain=path == "hybrid_plain", **cap)
     from relay_radix.kernels import FlashInferRelayDecode
 
     return FlashInferRelayDecode(hq, hkv, d, case.q.dtype, "cuda", use_cuda_graph=graph, **cap)
@@ -144,7 +149,17 @@ def _plan(path, w, case):
     kw = plan_kwargs(case)
     if path == "flashinfer" or path in HYBRID_PATHS:
         kw["sm_scale"] = case.sm_scale
+    if path == "hybrid_pool":
+        kw["prefix_first_slot_cpu"] = run_starts(case)
     w.plan(**kw)
+
+
+def run_starts(case) -> torch.Tensor:
+    """Each group's first slot when its segment is one run, else -1 (what the server learns)."""
+    from relay_radix.kernels.pool_prefix import slot_run_starts
+
+    c = case.csr
+    return slot_run_starts(c["prefix_kv_indices"], (c["prefix_kv_indptr"][1:] - c["prefix_kv_indptr"][:-1]).cpu())
 
 
 def check(path: str, kind: str, *, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0,
@@ -308,4 +323,55 @@ def check_fi_external_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) ->
             torch.cuda.synchronize()
             ref, _ = reference_device(c)
             rows.append(_row(f"flashinfer-external+graph bs={bs}", "replan", c, bufs[bs][1], ref))
+    return rows
+
+
+def check_pool_graph(*, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
+    """The pool prefix pass (FlashInfer FA3 over the pool, fixed request count) inside the
+    server's relay kernel under CUDA graphs: captured once after a plan with no one-run group,
+    then re-planned with groups in runs (some split, gaps between runs, one group with a break
+    left to Triton), larger and smaller batches, and replayed. The suffix state (oracle) is put
+    in ``o``/``lse2`` before each replay, as SGLang's decode does inside the graph."""
+    from relay_radix.kernels import TritonRelayDecode
+
+    bs_cap = 64
+    specs = [("mixed", 48, "shuffled", 401), ("nested", 64, "runs", 402), ("mixed", 40, "runs", 403),
+             ("big_group", 64, "runs", 404), ("mixed", 17, "runs", 405)]
+    cases = [build_case(kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=seed, bs=bs, min_suffix=1, slot_layout=lay)
+             for kind, bs, lay, seed in specs]
+    nslots = max(c.k.shape[0] for c in cases)
+    k = torch.empty((nslots, hkv, d), dtype=dtype, device="cuda")
+    v = torch.empty_like(k)
+    q = torch.empty((bs_cap, hq, d), dtype=dtype, device="cuda")
+    o = torch.empty_like(q)
+    lse2 = torch.empty((bs_cap, hq), dtype=torch.float32, device="cuda")
+    w = TritonRelayDecode(hq, hkv, d, dtype, "cuda", max_bs=bs_cap, max_groups=64, max_members=2 * bs_cap,
+                          max_prefix_tokens=max(c.csr["prefix_kv_indices"].numel() for c in cases),
+                          max_suffix_tokens=0, external_suffix=True, prefix_stream=True, prefix_pool="fa3",
+                          pool_min_rows=1)
+
+    def load(c):
+        n = c.q.shape[0]
+        k[: c.k.shape[0]].copy_(c.k)
+        v[: c.v.shape[0]].copy_(c.v)
+        q[:n].copy_(c.q)
+        kw = plan_kwargs(c)
+        kw["suffix_kv_indices"] = None
+        w.plan(**kw, prefix_first_slot_cpu=run_starts(c))
+        so, sl = suffix_state(c)
+        o[:n].copy_(so.to(dtype))
+        lse2[:n].copy_(sl.float())
+
+    load(cases[0])
+    graph = capture_graph(lambda: w.run(q, k, v, o, sm_scale=cases[0].sm_scale, base_lse2=lse2))
+    rows = []
+    for c in cases[1:] + cases[:1]:
+        load(c)
+        graph.replay()
+        torch.cuda.synchronize()
+        n = c.q.shape[0]
+        ref, _ = reference_device(c)
+        pp = w.last_pool_plan
+        row = _row("hybrid_pool+graph", f"replan pool groups {int(pp.taken.sum())}/{pp.taken.size}", c, o[:n], ref)
+        rows.append(row)
     return rows

@@ -365,7 +365,7 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     s.prefill([s.new_req(system + words(2, 10))])
     s.prefill([s.new_req(system + words(3 + i, 10)) for i in range(3)] + [s.new_req(words(9, 40))])
     gen = torch.Generator().manual_seed(0)
-    log_filter = DecodeLogFilter(lambda: relay.last_stats, host=relay.host, slot_breaks=relay.slot_breaks)
+    log_filter = DecodeLogFilter(lambda: relay.last_stats, host=relay.host, slot_breaks=relay.slot_runs)
     for _ in range(3):
         assert decode_and_compare(s, runner, relay, native, layers(s), gen, scheduler) < 1e-5
 
@@ -377,6 +377,18 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     assert host_ms > 0 and "plan reuse 0%" in line  # the CPU path gathers every step
     # SGLang's allocator handed the prompt prefilled in one piece consecutive slots: no break.
     assert "prefix slot breaks 0" in line, line
+    assert "pool pass" not in line  # the pool prefix pass is off (a CUDA kernel): no figure
+    # The run table learned the group's segment as one run, at the slots its members hold.
+    plan = relay.plan
+    (key,) = plan.segment_keys()
+    src, start, end = int(plan.group_src_pool_idx[0]), int(plan.group_start[0]), int(plan.group_end[0])
+    slots = runner.req_to_token_pool.req_to_token[src, start:end]
+    assert torch.equal(slots, slots[0] + torch.arange(end - start, dtype=slots.dtype))
+    assert relay.slot_runs.run_starts([key]).tolist() == [int(slots[0])]
+    pooled = DecodeLogFilter(lambda: relay.last_stats, pool_source=lambda: 2)
+    rec = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
+    pooled.filter(rec)
+    assert rec.getMessage().endswith("pool pass 2 groups")
     again = logging.LogRecord("x", logging.INFO, __file__, 0, "Decode batch, #running-req: 5", None, None)
     log_filter.filter(again)
     assert "host: no decode step" in again.getMessage()  # a reader sees each step once
@@ -468,9 +480,9 @@ def test_gather_ranges_concatenates_token_ranges():
 def test_slot_break_counter_counts_breaks_inside_groups_only():
     """Breaks in consecutive-slot runs (what sends a prefix chunk from the TMA loop to the gather
     loop): a jump inside a group counts, a group boundary does not."""
-    from relay_radix.kv_slots import SlotBreakCounter
+    from relay_radix.kv_slots import PrefixSlotRuns
 
-    c = SlotBreakCounter()
+    c = PrefixSlotRuns()
     assert c.poll() is None
     groups = [list(range(100, 105)), list(range(10, 13)) + list(range(20, 22)), [7], [8, 9, 3]]
     idx = torch.tensor([t for g in groups for t in g], dtype=torch.int32)
@@ -488,7 +500,7 @@ def test_sorted_free_slots_give_a_late_prompt_consecutive_slots():
     ``need_sort``) it gets the lowest free slots in order, so its prefix is one run again."""
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
-    from relay_radix.kv_slots import SlotBreakCounter, keep_free_slots_sorted
+    from relay_radix.kv_slots import PrefixSlotRuns, keep_free_slots_sorted
 
     breaks = {}
     for sort in (False, True):
@@ -501,7 +513,7 @@ def test_sorted_free_slots_give_a_late_prompt_consecutive_slots():
         alloc.free(used[0::2])
         prompt = alloc.alloc(24)
         assert prompt is not None and prompt.unique().numel() == 24
-        c = SlotBreakCounter()
+        c = PrefixSlotRuns()
         c.count(prompt.to(torch.int32), torch.tensor([24]))
         breaks[sort] = c.poll()
     assert breaks == {False: 23, True: 0}, breaks

@@ -64,13 +64,18 @@ def test_flashinfer(kind, hq, hkv):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["mixed", "nested", "big_group", "no_groups"])
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
-@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain"])
+@pytest.mark.parametrize("path", ["hybrid", "hybrid_stream", "hybrid_fi", "hybrid_plain", "hybrid_pool"])
 def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
     """The server's paths: FlashInfer decode suffix state + the groups' prefix states merged in
     place, from the Triton prefix kernel (hybrid; hybrid_stream: on a side stream, concurrent with
     the suffix decode) or FlashInfer's prefill (hybrid_fi: ``RELAY_RADIX_KERNEL=flashinfer``);
-    hybrid_plain: hybrid_stream whose plans with no group decode plainly (the plain graph)."""
+    hybrid_plain: hybrid_stream whose plans with no group decode plainly (the plain graph);
+    hybrid_pool: hybrid_stream with the pool prefix pass on (its groups here are not in runs, so
+    all take the Triton launch beside an idle FA3 launch: see test_slot_runs for the others)."""
     from tests._relay_gpu_checks import check
+
+    if path == "hybrid_pool" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FlashInfer's FA3 prefill needs compute capability 9.x")
 
     _assert(check(path, kind, hq=hq, hkv=hkv, d=128, dtype=dtype, seed=13))
 
@@ -78,6 +83,10 @@ def test_hybrid_flashinfer_suffix(path, kind, hq, hkv, dtype):
 SLOT_RUN_CASES = [("triton", k, d, dt) for k, d in [("mixed", 64), ("mixed", 128), ("mixed", 256), ("big_group", 128),
                                                    ("nested", 128)] for dt in (torch.bfloat16, torch.float16)]
 SLOT_RUN_CASES += [("hybrid_stream", k, 128, torch.bfloat16) for k in ("mixed", "big_group", "nested")]
+# The pool prefix pass (FlashInfer FA3 over the pool) for the groups that are one run; head_dim
+# 128 only (each dtype x head_dim is one more FA3 module for the GPU machine to JIT-compile).
+SLOT_RUN_CASES += [("hybrid_pool", k, 128, dt) for k in ("mixed", "big_group", "nested")
+                   for dt in (torch.bfloat16, torch.float16)]
 
 
 @pytest.mark.parametrize("hq,hkv", HEADS)
@@ -90,7 +99,24 @@ def test_slot_runs(path, kind, d, dtype, hq, hkv):
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA run loop needs compute capability >= 9")
+    if path == "hybrid_pool" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FlashInfer's FA3 prefill needs compute capability 9.x")
     _assert(check(path, kind, hq=hq, hkv=hkv, d=d, dtype=dtype, seed=hq * 31 + d, slot_layout="runs"))
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_pool_prefix_under_cuda_graph(hq, hkv):
+    """The pool pass's fixed-request FlashInfer wrapper and its gather/merge tables, captured once
+    and replayed after re-plans with other groups, splits, gaps and batch sizes."""
+    from tests._relay_gpu_checks import check_pool_graph
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FlashInfer's FA3 prefill needs compute capability 9.x")
+    rows = check_pool_graph(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16)
+    for row in rows:
+        _assert(row)
+    taken = [int(r["case"].split("pool groups ")[1].split("/")[0]) for r in rows]
+    assert max(taken) > 0 and min(taken) == 0, taken  # replays with and without pool groups
 
 
 @pytest.mark.parametrize("slot_layout", ["shuffled", "runs"])
@@ -151,26 +177,30 @@ def test_decode_metadata_never_syncs_the_host():
     would idle the GPU while the step is launched. torch's sync debug mode turns any synchronising
     copy into an error. The gathered slots are checked against slicing on the host."""
     from relay_radix.kernels.triton_relay import TritonRelayDecode
-    from relay_radix.kv_slots import SlotBreakCounter, gather_ranges
+    from relay_radix.kv_slots import PrefixSlotRuns, gather_ranges
 
     dev = torch.device("cuda")
     req_to_token = torch.randint(0, 1 << 20, (8, 4096), dtype=torch.int32, device=dev)
     rows, starts, lens = torch.tensor([3, 5], dtype=torch.int32), torch.tensor([0, 100], dtype=torch.int32), \
         torch.tensor([1000, 37])
     dev_rows = rows.to(dev)
+    pool = "fa3" if torch.cuda.get_device_capability()[0] == 9 else None  # + FlashInfer's pool-pass plan
     kernel = TritonRelayDecode(32, 8, 128, torch.bfloat16, dev, max_bs=8, max_groups=2, max_members=8,
-                               max_prefix_tokens=2048, max_suffix_tokens=0, external_suffix=True)
-    counter = SlotBreakCounter()
+                               max_prefix_tokens=2048, max_suffix_tokens=0, external_suffix=True, prefix_pool=pool)
+    counter = PrefixSlotRuns()
+    keys = [(11, 0, 1000), (12, 100, 137)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):  # the third plan reuses the first staging buffer
             idx = gather_ranges(req_to_token, rows, starts, lens)
             idx_dev_rows = gather_ranges(req_to_token, dev_rows, starts, lens)
-            counter.count(idx, lens)
+            counter.count(idx, lens, keys)
+            first = counter.run_starts(keys)
+            first[0] = 5  # as if group 0 were one run: the pool pass plans it
             kernel.plan(prefix_kv_indices=idx, suffix_kv_indices=None, prefix_lens_cpu=lens,
                         member_indptr_cpu=torch.tensor([0, 4, 8]), member_rows_cpu=torch.arange(8),
-                        suffix_lens_cpu=torch.ones(8, dtype=torch.int64))
+                        suffix_lens_cpu=torch.ones(8, dtype=torch.int64), prefix_first_slot_cpu=first)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     host = req_to_token.cpu()
@@ -178,3 +208,4 @@ def test_decode_metadata_never_syncs_the_host():
     assert torch.equal(idx.cpu(), expected) and torch.equal(idx_dev_rows.cpu(), expected)
     torch.cuda.synchronize()
     assert counter.poll() is not None
+    assert counter.run_starts(keys).tolist() == [-1, -1]  # random slots: no run

@@ -266,11 +266,23 @@ def k_relay_hybrid(w, prefix_stream: bool = False, **opts):
     wr = HybridRelay(w["hq"], w["hkv"], w["d"], w["q"].dtype, prefix_stream=prefix_stream, max_bs=max(bs, 256),
                      max_groups=max(8, len(w["plens"])), max_members=max(512, w["m_rows"].numel()),
                      max_prefix_tokens=max(1, w["prefix_idx"].numel()), max_suffix_tokens=1, **opts)
-    return _planned(wr, w, sm_scale=w["sm_scale"])
+    extra = {}
+    if opts.get("prefix") == "pool":
+        # make_workload lays the segments in consecutive slots, back to back: every group is one run.
+        extra["prefix_first_slot_cpu"] = torch.cumsum(w["plens"], 0) - w["plens"]
+    return _planned(wr, w, sm_scale=w["sm_scale"], **extra)
 
 
 def k_relay_hybrid_stream(w):
     return k_relay_hybrid(w, prefix_stream=True)
+
+
+def k_relay_pool(w):
+    """H with the pool prefix pass (``RELAY_RADIX_PREFIX_POOL``): the groups, all one run here,
+    attended by FlashInfer's FA3 prefill reading the pool in place."""
+    from relay_radix.kernels.pool_prefix import POOL_MIN_ROWS
+
+    return k_relay_hybrid(w, prefix_stream=True, prefix="pool", pool_min_rows=POOL_MIN_ROWS)
 
 
 def without_groups(w):
@@ -325,6 +337,7 @@ KERNELS = {
     "relay_hybrid_stream": k_relay_hybrid_stream,
     "relay_hybrid_stream_gather": k_relay_hybrid_stream_gather,
     "relay_plain": k_relay_plain,
+    "relay_pool": k_relay_pool,
 }
 
 
@@ -427,7 +440,8 @@ def correctness_rows(deadline):
         for hq, hkv in ((32, 32), (32, 4)):
             jobs.append(("hybrid", kind, dict(hq=hq, hkv=hkv, d=128, dtype=torch.bfloat16, seed=13)))
     # Prefixes in consecutive slots (the TMA run loop of the prefix kernel, per chunk).
-    for path in ("triton", "hybrid"):
+    # hybrid_pool: those in one run on FlashInfer's FA3 over the pool (RELAY_RADIX_PREFIX_POOL).
+    for path in ("triton", "hybrid", "hybrid_pool"):
         for dtype in (torch.bfloat16, torch.float16):
             for hq, hkv in ((32, 32), (32, 8), (32, 4)):
                 jobs.append((path, "mixed", dict(hq=hq, hkv=hkv, d=128, dtype=dtype, seed=17, slot_layout="runs")))
@@ -510,6 +524,20 @@ def write_reports(res, out_dir, dev_tag):
                      f" | {frac('relay_triton')} | {frac(h)} | {ratio('fi_cascade', 'relay_triton')} | "
                      f"{ratio('fi_cascade', h)} | {ratio('fi_decode', 'relay_triton')} | "
                      f"{ratio('fi_decode', h)} | {'relay' if relays else 'plain'} | {ratio('fi_decode', srv)} | {plan} |")
+    pool_rows = [r for r in res.get("timing", []) if r["ms"].get("relay_pool")]
+    if pool_rows:
+        lines += ["", "## Pool prefix pass (P: relay_pool) against the server's Triton prefix launch (H)", "",
+                  "Same run, same inputs. P: groups in one run of slots on FlashInfer's FA3 prefill over the pool.", "",
+                  "| config | floor ms | H ms | P ms | H / P | P % floor | P vs cascade | P vs FI decode |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in pool_rows:
+            ms = r["ms"]
+            h = ms.get("relay_hybrid_stream") or ms.get("relay_hybrid")
+            p = ms["relay_pool"]
+            rt = lambda k: f"{ms[k] / p:.2f}x" if ms.get(k) else "-"  # noqa: E731
+            lines.append(f"| {r['config']} | {r['floor_ms']:.3f} | {h or 0:.3f} | {p:.3f} | "
+                         f"{(h / p if h else 0):.2f}x | {100 * r['floor_ms'] / p:.0f}% | {rt('fi_cascade')} | "
+                         f"{rt('fi_decode')} |")
     if res.get("variants"):
         lines += ["", f"## Launch variants ({res.get('variant_path', 'triton')} path)", "", "| config | variant | ms |",
                   "|---|---|---|"]
@@ -616,6 +644,8 @@ def main():
                 # A/B of session 14, "default" in bench/results/kernels-h100-s14.md meant a grid
                 # of one for GQA >= 4 and auto2 otherwise).
                 "ppsm2": dict(programs_per_sm=2, concurrent_programs_per_sm=None),
+                # Groups in one run of slots on FlashInfer's FA3 over the pool (server path only).
+                "pool": dict(prefix="pool", pool_min_rows=512),
                 "auto2": dict(programs_per_sm=2, concurrent_programs_per_sm=1),
                 "krow": dict(k_row_major=True), "krow_bm128_w8": dict(k_row_major=True, prefix_block_m=128,
                                                                        num_warps_prefix=8),

@@ -102,14 +102,20 @@ SYSTEMS = {
     # Run like relay (every workload asked), to isolate one feature's effect.
     "relay-nogate": "relay with --relay-gate 0: every qualifying group relayed, even where that is slower",
     "relay-noconsec": "relay with --relay-consecutive-alloc 0: long allocations take the lowest free slots",
+    "relay-pool1": "relay with --relay-prefix-pool fa3 --relay-prefix-pool-min-rows 1: every group in one run of "
+                   "slots on FlashInfer's FA3 over the pool, however small (exactness of that pass)",
+    "relay-nopool": "relay with --relay-prefix-pool off: every group on the Triton prefix launch",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
                   "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"},
-                  "relay-cap16": {"gsp2k_32x4"}, "relay-1graph": {"nosh_c128", "ctrl_c128", "ctrl_c64"}}
+                  "relay-cap16": {"gsp2k_32x4"}, "relay-1graph": {"nosh_c128", "ctrl_c128", "ctrl_c64"},
+                  "relay-pool1": {"exact", "exact_groups"}}
 # Systems launched through relay_radix.launch_server, with their own extra flags.
 RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi": ["--relay-kernel", "flashinfer"],
                  "relay-cap16": ["--relay-max-groups", "16"], "relay-1graph": ["--relay-plain-graphs", "0"],
-                 "relay-nogate": ["--relay-gate", "0"], "relay-noconsec": ["--relay-consecutive-alloc", "0"]}
+                 "relay-nogate": ["--relay-gate", "0"], "relay-noconsec": ["--relay-consecutive-alloc", "0"],
+                 "relay-pool1": ["--relay-prefix-pool", "fa3", "--relay-prefix-pool-min-rows", "1"],
+                 "relay-nopool": ["--relay-prefix-pool", "off"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
