@@ -567,3 +567,21 @@ def test_large_allocations_take_the_first_consecutive_run():
     # No run of 16: the window with one break (two runs of 8), not the lowest slots (five breaks).
     f = torch.tensor([1, 3, 5, 7] + list(range(20, 28)) + list(range(40, 48)))
     assert int(fewest_breaks_window(f, 16)) == 4
+
+
+def test_pool_prefix_pass_choice_is_refused_loudly_where_it_cannot_run():
+    """``RELAY_RADIX_PREFIX_POOL=fa3`` on a machine without Hopper refuses with what it needs and
+    what to set instead; ``auto`` turns the pass off (MHA models always; here also no GPU), ``off``
+    leaves it off. The backend's real config path over SGLang's classes on the CPU."""
+    choices = {}
+    for choice, hkv in (("fa3", 1), ("auto", 1), ("auto", 4), ("off", 1)):
+        cfg = RelayConfig(min_group_size=2, prefix_pool=choice)
+        s = MiniScheduler(num_q_heads=4, num_kv_heads=hkv, head_dim=32, relay_config=cfg)
+        _, relay, _ = make_backends(s)
+        relay.config = cfg  # the backend reads RELAY_RADIX_* at creation; this test sets it directly
+        if choice == "fa3":
+            with pytest.raises(ValueError, match="RELAY_RADIX_PREFIX_POOL=fa3 needs a Hopper GPU.*auto"):
+                relay._prefix_pool()
+            continue
+        choices[(choice, hkv)] = relay._prefix_pool()
+    assert choices == {("auto", 1): None, ("auto", 4): None, ("off", 1): None}

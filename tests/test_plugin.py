@@ -151,6 +151,15 @@ def test_config_from_env_validates(monkeypatch):
         with pytest.raises(ValueError, match="RELAY_RADIX_PREFIX_PROGRAMS"):
             RelayConfig.from_env()
     monkeypatch.delenv("RELAY_RADIX_PREFIX_PROGRAMS")
+    assert RelayConfig.from_env().prefix_pool == "auto" and RelayConfig.from_env().prefix_pool_min_rows == 512
+    monkeypatch.setenv("RELAY_RADIX_PREFIX_POOL", "FA3")
+    monkeypatch.setenv("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", "1")
+    assert (RelayConfig.from_env().prefix_pool, RelayConfig.from_env().prefix_pool_min_rows) == ("fa3", 1)
+    for var, bad in (("RELAY_RADIX_PREFIX_POOL", "flashinfer"), ("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", "0")):
+        monkeypatch.setenv(var, bad)
+        with pytest.raises(ValueError, match=var):
+            RelayConfig.from_env()
+        monkeypatch.delenv(var)
     monkeypatch.setenv("RELAY_RADIX_KERNEL", "cuda")
     with pytest.raises(ValueError, match="RELAY_RADIX_KERNEL"):
         RelayConfig.from_env()
