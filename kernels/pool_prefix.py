@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PoolPlan", "PoolPrefixPass", "launch_gather_rows", "plan_pool_requests", "slot_run_starts"]
+__all__ = ["PoolPlan", "PoolPrefixPass", "launch_gather_rows", "plan_pool_requests"]
 
 # Stacked query rows of one FA3 CTA (members x GQA heads of one KV head); FlashInfer's SM90
 # prefill tiles 128 query rows for head_dim 64/128 (fewer for 256, where this only over-splits).
@@ -59,8 +59,7 @@ POOL_MIN_ROWS = 512
 class PoolPlan:
     """One step's pool-prefill requests (host arrays; see the module docstring)."""
 
-    taken: np.ndarray  # [G] bool: groups this pass attends (the rest go to the Triton launch)
-    splits: np.ndarray  # [G] int64: pieces per taken group (0 for the others)
+    splits: np.ndarray  # [G] int64: pieces per group this pass attends (0: left to the Triton launch)
     qo_indptr: np.ndarray  # [max_requests + 1] int32
     kv_indptr: np.ndarray  # [max_requests + 1] int32, absolute slot numbers
     q_rows: np.ndarray  # [rows] int32 batch row of each stacked query row
@@ -69,26 +68,13 @@ class PoolPlan:
     num_requests: int  # live requests (splits and gaps; padding excluded)
 
     @property
+    def taken(self) -> np.ndarray:
+        """``[G]`` bool: groups this pass attends (the rest go to the Triton launch)."""
+        return self.splits > 0
+
+    @property
     def num_rows(self) -> int:
         return int(self.q_rows.size)
-
-
-def slot_run_starts(prefix_kv_indices: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
-    """First slot of each group's segment when it is one run of consecutive slots, else -1.
-
-    prefix_kv_indices: ``[sum(prefix_lens)]`` slot ids (any device), groups concatenated;
-    prefix_lens: ``[G]`` CPU ints. Returns ``[G]`` int64 on the host (reads the slots: a sync
-    when they live on the GPU; the server gets the same values without one, ``kv_slots``)."""
-    idx = prefix_kv_indices.to(torch.int64).cpu()
-    lens = prefix_lens.to(torch.int64).cpu()
-    out = torch.full((lens.numel(),), -1, dtype=torch.int64)
-    start = 0
-    for g, n in enumerate(lens.tolist()):
-        seg = idx[start : start + n]
-        if n > 0 and bool((seg == seg[0] + torch.arange(n)).all()):
-            out[g] = int(seg[0])
-        start += n
-    return out
 
 
 def plan_pool_requests(
@@ -123,25 +109,21 @@ def plan_pool_requests(
     keep = np.asarray(keep, dtype=np.int64)
 
     splits = np.zeros(num_groups, dtype=np.int64)
-    while keep.size:
+    if keep.size:
         ctas = -(-members[keep] * gqa // CTA_ROWS) * num_kv_heads  # CTAs of one piece
         piece = max(float(min_piece), float((ctas * lens[keep]).sum()) / num_sms)  # keys per CTA, one wave
         s = np.clip(np.floor(lens[keep] / piece), 1, max_splits).astype(np.int64)
-        while True:
+        while keep.size:
             gaps = int((first[keep][1:] > first[keep][:-1] + lens[keep][:-1]).sum())
             if int((members[keep] * s).sum()) <= max_rows and int(s.sum()) + gaps <= max_requests:
                 break
             if (s > 1).any():
                 s = -(-s // 2)
-                continue
-            keep, s = keep[:-1], s[:-1]  # even one piece each does not fit: the last run goes to Triton
-            if not keep.size:
-                break
-        if keep.size:
-            splits[keep] = s
-        break
+            else:  # even one piece each does not fit: the last run goes to Triton
+                keep, s = keep[:-1], s[:-1]
+        splits[keep] = s
 
-    qo_lens, kv_bounds, q_rows, pos_rows = [], [], [], []
+    qo_lens, kv_bounds, q_rows = [], [], []
     start_kv = int(first[keep[0]]) if keep.size else 0
     cur_kv = start_kv
     for g in keep.tolist():
@@ -154,7 +136,6 @@ def plan_pool_requests(
             qo_lens.append(m.size)
             kv_bounds.append(int(first[g] + lens[g] * (i + 1) // s))
             q_rows.append(m)
-            pos_rows.append(m)
         cur_kv = int(first[g] + lens[g])
     n_live = len(qo_lens)
     assert n_live <= max_requests
@@ -171,7 +152,7 @@ def plan_pool_requests(
     entry_indptr = np.zeros(bs + 1, dtype=np.int64)
     np.cumsum(np.bincount(q_rows, minlength=bs)[:bs], out=entry_indptr[1:])
     i32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)  # noqa: E731
-    return PoolPlan(taken=splits > 0, splits=splits, qo_indptr=i32(qo_indptr), kv_indptr=i32(kv_indptr),
+    return PoolPlan(splits=splits, qo_indptr=i32(qo_indptr), kv_indptr=i32(kv_indptr),
                     q_rows=i32(q_rows), entry_indptr=i32(entry_indptr), entry_pos=i32(order), num_requests=n_live)
 
 
@@ -249,9 +230,10 @@ class PoolPrefixPass:
             qo[0] = 0
             kv = np.ones(max_requests + 1, dtype=np.int32)
             kv[0] = 0
-            self._plan_flashinfer(qo, kv, sm_scale=1.0)
+            self._plan_flashinfer(qo, kv)
 
-    def _plan_flashinfer(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray, sm_scale: float) -> None:
+    def _plan_flashinfer(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray) -> None:
+        """FlashInfer's schedule for these requests; the scale is set per layer at run."""
         if self._plan_event is not None:
             # FlashInfer stages its schedule in one pinned buffer per wrapper and copies it
             # asynchronously: wait for the copy of the previous plan before overwriting it
@@ -259,7 +241,7 @@ class PoolPrefixPass:
             self._plan_event.synchronize()
         pin = lambda a: torch.from_numpy(a).pin_memory()  # noqa: E731  (async indptr copies, no stream sync)
         self._wrapper.plan(pin(qo_indptr), pin(kv_indptr), self.num_q_heads, self.num_kv_heads, self.head_dim,
-                           causal=False, sm_scale=sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+                           causal=False, sm_scale=1.0, q_data_type=self.dtype, kv_data_type=self.dtype)
         self._plan_event = torch.cuda.Event()
         self._plan_event.record()
 
@@ -270,7 +252,7 @@ class PoolPrefixPass:
         if self._wrapper is not None and not (pp.num_rows == 0 and self._planned_empty):
             # (A step with no group for the pass after another one keeps the empty schedule:
             # FlashInfer's plan costs ~1 ms of host time.)
-            self._plan_flashinfer(pp.qo_indptr, pp.kv_indptr, sm_scale=1.0)
+            self._plan_flashinfer(pp.qo_indptr, pp.kv_indptr)
             self._planned_empty = pp.num_rows == 0
 
     def run(self, q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, *, q_rows: torch.Tensor,

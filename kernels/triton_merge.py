@@ -37,6 +37,19 @@ def _merge_step(m, l, acc, lse, o):
 
 
 @triton.jit
+def _merge_entries(m, l, acc, O, Lse2, Pos, start, end, stride_o_p, stride_o_h, stride_l_p, offs_h, offs_d,
+                   mask_h, mask):
+    """Fold states ``O[Pos[e]]`` / ``Lse2[Pos[e]]`` (any float dtype, **base-2** LSE, converted to
+    natural log here) for ``e`` in ``[start, end)`` into (m, l, acc): FlashInfer's states."""
+    for e in range(start, end):
+        p64 = tl.load(Pos + e).to(tl.int64)
+        lse = tl.load(Lse2 + p64 * stride_l_p + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
+        o = tl.load(O + p64 * stride_o_p + offs_h[:, None] * stride_o_h + offs_d[None, :], mask=mask, other=0.0)
+        m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
+    return m, l, acc
+
+
+@triton.jit
 def _merge_parts_kernel(
     Part_O,  # [max_parts, num_q_heads, head_dim] fp32
     Part_Lse,  # [max_parts, num_q_heads] fp32, natural log
@@ -120,14 +133,9 @@ def _merge_parts_kernel(
             acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
             m = m_new
     if HAS_POOL:
-        # States of the pool prefix pass (FlashInfer: o in q's dtype, base-2 LSE converted here).
-        for e in range(e_start, e_end):
-            p64 = tl.load(Pool_Entry_Pos + e).to(tl.int64)
-            lse = tl.load(Pool_Lse2 + p64 * stride_pool_l_p + offs_h, mask=mask_h,
-                          other=float("-inf")) * 0.6931471805599453
-            o = tl.load(Pool_O + p64 * stride_pool_o_p + offs_h[:, None] * stride_pool_o_h + offs_d[None, :],
-                        mask=mask, other=0.0)
-            m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
+        # States of the pool prefix pass (FlashInfer: o in q's dtype, base-2 LSE).
+        m, l, acc = _merge_entries(m, l, acc, Pool_O, Pool_Lse2, Pool_Entry_Pos, e_start, e_end, stride_pool_o_p,
+                                   stride_pool_o_h, stride_pool_l_p, offs_h, offs_d, mask_h, mask)
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))
@@ -258,11 +266,8 @@ def _merge_fi_states_kernel(
         m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
     start = tl.load(Row_Entry_Indptr + row)
     end = tl.load(Row_Entry_Indptr + row + 1)
-    for e in range(start, end):
-        p64 = tl.load(Row_Entry_Pos + e).to(tl.int64)
-        lse = tl.load(Prefix_Lse2 + p64 * stride_pl_p + offs_h, mask=mask_h, other=float("-inf")) * 0.6931471805599453
-        o = tl.load(Prefix_O + p64 * stride_po_p + offs_h[:, None] * stride_po_h + offs_d[None, :], mask=mask, other=0.0)
-        m, l, acc = _merge_step(m, l, acc, lse, o.to(tl.float32))
+    m, l, acc = _merge_entries(m, l, acc, Prefix_O, Prefix_Lse2, Row_Entry_Pos, start, end, stride_po_p, stride_po_h,
+                               stride_pl_p, offs_h, offs_d, mask_h, mask)
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse_out = tl.where(has, tl.where(has, m, 0.0) + tl.log(tl.where(has, l, 1.0)), float("-inf"))

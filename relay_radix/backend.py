@@ -304,8 +304,7 @@ class RelayAttnBackend(AttentionBackend):
         prefix_lens = plan.prefix_lens.to(torch.int64)
         kernel = self._kernel = self._kernel_for(bs, graph=graph, in_capture=in_capture)
         self.step_is_plain = kernel is not None and self._takes_plain_path(plan, in_capture=in_capture, graph=graph)
-        key = first_slots = None
-        keys = plan.segment_keys()  # run-table keys of the groups (relay_radix.kv_slots.PrefixSlotRuns)
+        key = first_slots = keys = None  # keys: the groups' run-table keys (kv_slots.PrefixSlotRuns)
         if kernel is not None and self.suffix is not None:
             # Decode rows always own >= 1 token (the one being decoded; padded rows: the sink).
             assert int(suffix_lens.min()) >= 1, "relay-radix: a decode row with an empty suffix"
@@ -320,6 +319,7 @@ class RelayAttnBackend(AttentionBackend):
             if getattr(kernel, "pool", None) is not None:
                 # Groups whose segment is known to be one run of slots go to the pool pass; a
                 # group learned since the last plan changes this, so it is part of the reuse key.
+                keys = plan.segment_keys()
                 first_slots = self.slot_runs.run_starts(keys)
             if self.config.plan_reuse:
                 # RELAY_RADIX_PLAN_REUSE: each kernel object carries the key of the prefix plan its
@@ -336,7 +336,7 @@ class RelayAttnBackend(AttentionBackend):
             suffix_idx = gather_ranges(self.req_to_token, fb.req_pool_indices[:bs], suffix_start, suffix_lens)
         prefix_idx = gather_ranges(self.req_to_token, plan.group_src_pool_idx, plan.group_start, prefix_lens)
         if not in_capture:
-            self.slot_runs.count(prefix_idx, prefix_lens, keys)
+            self.slot_runs.count(prefix_idx, prefix_lens, plan.segment_keys() if keys is None else keys)
         if kernel is None:  # CPU: the reference path reads the lists directly
             self._cpu_slots = dict(
                 prefix_kv_indptr=_indptr(prefix_lens), prefix_kv_indices=prefix_idx,

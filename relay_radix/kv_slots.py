@@ -76,6 +76,40 @@ def gather_ranges(
     return req_to_token[rows_d[which], pos].to(torch.int32)
 
 
+def segment_runs(prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor) -> torch.Tensor:
+    """Breaks and runs of a prefix slot list, on its device with no host sync.
+
+    prefix_idx: ``[sum(lens)]`` int slot ids (groups concatenated, at least one id);
+    prefix_lens_cpu: ``[G]`` CPU ints (``G >= 1``). Returns ``[1 + G]`` int64 on ``prefix_idx``'s
+    device: the breaks inside groups (adjacent slots that do not follow each other; group
+    boundaries are not breaks), then each group's first slot when its segment is one run, else -1.
+    """
+    lens = prefix_lens_cpu.to(torch.int64).reshape(-1)
+    n = int(prefix_idx.numel())
+    idx = prefix_idx.to(torch.int64)
+    # breaks[i] for adjacency (i, i+1); cum[i] = breaks among adjacencies < i.
+    brk = (idx[1:] != idx[:-1] + 1).to(torch.int64)
+    cum = torch.cat([brk.new_zeros(1), torch.cumsum(brk, 0)])
+    ends = torch.cumsum(lens, 0)
+    starts = ends - lens
+    # A group's internal adjacencies are starts .. ends-2: breaks = cum[end-1] - cum[start].
+    se = to_device_async(torch.stack([starts, (ends - 1).clamp(min=0), lens]), idx.device)
+    s_d, e_d, len_d = se[0].clamp(max=n - 1), se[1], se[2]
+    inside = cum[e_d] - cum[s_d]
+    first = torch.where((len_d > 0) & (inside == 0), idx[s_d], torch.full_like(inside, -1))
+    return torch.cat([inside.where(len_d > 0, torch.zeros_like(inside)).sum().reshape(1), first])
+
+
+def slot_run_starts(prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor) -> torch.Tensor:
+    """``[G]`` int64 on the host: each group's first slot when its segment is one run, else -1
+    (:func:`segment_runs` read back at once: a sync on the GPU; for tests and scripts, the server
+    learns the same values asynchronously through :class:`PrefixSlotRuns`)."""
+    lens = prefix_lens_cpu.to(torch.int64).reshape(-1).cpu()
+    if prefix_idx.numel() == 0 or lens.numel() == 0:
+        return torch.full((lens.numel(),), -1, dtype=torch.int64)
+    return segment_runs(prefix_idx, lens)[1:].cpu()
+
+
 class PrefixSlotRuns:
     """Consecutive-slot runs of each step's shared-prefix slot lists, learned without a host sync.
 
@@ -124,18 +158,7 @@ class PrefixSlotRuns:
         on_cuda = prefix_idx.device.type == "cuda"
         if on_cuda and len(self._pending) >= self.MAX_PENDING:
             return
-        idx = prefix_idx.to(torch.int64)
-        # breaks[i] for adjacency (i, i+1); cum[i] = breaks among adjacencies < i.
-        brk = (idx[1:] != idx[:-1] + 1).to(torch.int64)
-        cum = torch.cat([brk.new_zeros(1), torch.cumsum(brk, 0)])
-        ends = torch.cumsum(lens, 0)
-        starts = ends - lens
-        # A group's internal adjacencies are starts .. ends-2: breaks = cum[end-1] - cum[start].
-        se = to_device_async(torch.stack([starts, (ends - 1).clamp(min=0), lens]), idx.device)
-        s_d, e_d, len_d = se[0].clamp(max=n - 1), se[1], se[2]
-        inside = cum[e_d] - cum[s_d]
-        first = torch.where((len_d > 0) & (inside == 0), idx[s_d], torch.full_like(inside, -1))
-        out = torch.cat([inside.where(len_d > 0, torch.zeros_like(inside)).sum().reshape(1), first])
+        out = segment_runs(prefix_idx, lens)
         if not on_cuda:
             self._take(out, keys)
             return

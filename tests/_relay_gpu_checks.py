@@ -156,7 +156,7 @@ def _plan(path, w, case):
 
 def run_starts(case) -> torch.Tensor:
     """Each group's first slot when its segment is one run, else -1 (what the server learns)."""
-    from relay_radix.kernels.pool_prefix import slot_run_starts
+    from relay_radix.kv_slots import slot_run_starts
 
     c = case.csr
     return slot_run_starts(c["prefix_kv_indices"], (c["prefix_kv_indptr"][1:] - c["prefix_kv_indptr"][:-1]).cpu())

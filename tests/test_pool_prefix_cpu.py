@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from relay_radix.kernels.pool_prefix import plan_pool_requests, slot_run_starts
-from relay_radix.kv_slots import PrefixSlotRuns
+from relay_radix.kernels.pool_prefix import plan_pool_requests
+from relay_radix.kv_slots import PrefixSlotRuns, slot_run_starts
 from tests._relay_cases import make_case, plan_kwargs, rel_err
 
 
