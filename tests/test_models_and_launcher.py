@@ -130,11 +130,11 @@ def test_launcher_relay_flags_become_env_and_leave_argv():
     argv, env = launch_server.build_argv(
         ["--relay-kernel", "flashinfer", "--model", "relay-radix/llama2-7b-mha", "--relay-min-group-size=8",
          "--relay-min-prefix-tokens", "512", "--load-format", "auto", "--relay-base-backend", "triton",
-         "--relay-max-groups=16"],
+         "--relay-max-groups=16", "--relay-evict-for-runs", "0"],
         resolve=fake_resolve)
     assert env == {"RELAY_RADIX_KERNEL": "flashinfer", "RELAY_RADIX_MIN_GROUP_SIZE": "8",
                    "RELAY_RADIX_MIN_PREFIX_TOKENS": "512", "RELAY_RADIX_BASE_BACKEND": "triton",
-                   "RELAY_RADIX_MAX_GROUPS": "16"}
+                   "RELAY_RADIX_MAX_GROUPS": "16", "RELAY_RADIX_EVICT_FOR_RUNS": "0"}
     assert not any(a.startswith("--relay") for a in argv)
     assert argv[:4] == ["--model", "/cache/llama2-7b-mha", "--load-format", "auto"]  # user's format kept
     assert argv.count("--load-format") == 1
@@ -328,6 +328,27 @@ def test_first_start_on_a_fresh_machine_may_take_longer(monkeypatch, tmp_path):
     assert run_serving.flashinfer_modules_compiled()
 
 
+def test_repeat_runs_each_client_workload_again_with_its_own_seed(capsys, tmp_path):
+    """``--repeat 3``: first runs of every workload, then the seeded workloads twice more with
+    seeds 43 and 44 (fresh prompts: a repeat must not hit the previous run's radix entries);
+    exactness runs once."""
+    order = run_serving.repeat_order(run_serving.select_workloads("exact,ctrl_c128,nosh_c128"), 3)
+    assert [(r, w.name) for r, w in order] == [
+        (0, "exact"), (0, "ctrl_c128"), (0, "nosh_c128"), (1, "ctrl_c128"), (1, "nosh_c128"),
+        (2, "ctrl_c128"), (2, "nosh_c128")]
+    assert run_serving.repeat_order(run_serving.select_workloads("nested_c128"), 3) == [
+        (0, run_serving.WORKLOADS["nested_c128"])]  # a fixed prompt file: once
+    rc = run_serving.main(["--dry-run", "--systems", "vanilla,relay", "--workloads", "ctrl_c128,exact",
+                           "--repeat", "3", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for system in ("vanilla", "relay"):
+        cmds = [l for l in out.splitlines() if f"--tag llama2-7b-mha/{system}/ctrl_c128" in l]
+        assert [re.search(r"--seed (\d+)", c).group(1) for c in cmds] == ["42", "43", "44"]
+        assert f"{system}-ctrl_c128-r2.jsonl" in out
+        assert sum(f"{system}-exact.jsonl" in l for l in out.splitlines()) == 1
+
+
 # --------------------------------------------------------------------------------- summarize
 def _record(tag, tok_s, tpot, total_input):
     return {"tag": tag, "backend": "sglang", "output_throughput": tok_s, "request_throughput": tok_s / 256,
@@ -409,6 +430,41 @@ def test_summarize_full_batch_step_over_the_control_step(tmp_path):
     md = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
     row = next(l for l in md.splitlines() if l.startswith("| gsp8k_c128 |"))
     assert "| 15.0 / 65.0 | 1.20 |" in row  # 15 ms over vanilla's 12.5 ms control step
+
+
+def test_summarize_pairs_repeated_runs_by_seed(tmp_path):
+    """Repeats (``--repeat``) pair by seed: the row is the same-seed pair with the median ratio
+    (each run's own TPOT, not a mix), and a repeat only one twin ran is left out of the pairing.
+    The second workload's throughputs are session 16 call 3's nosh_c128 (GQA-4): there the
+    medians of 2 and 3 runs would compare different prompts (0.89x); the same-seed pairs are 1.00x."""
+    def run(system, workload, rep, tput, tpot):
+        return {"system": system, "workload": workload, "rate": None, "repeat": rep,
+                "result": _record("x", tput, tpot, 128 * 128)}
+
+    call = {"model": "llama3-8b-gqa", "device": "NVIDIA H100 80GB HBM3", "runs": [
+        run("vanilla", "ctrl_c128", 0, 8000.0, 10.0), run("vanilla", "ctrl_c128", 1, 8600.0, 9.5),
+        run("vanilla", "ctrl_c128", 2, 8400.0, 9.7), run("relay", "ctrl_c128", 0, 7900.0, 10.1),
+        run("relay", "ctrl_c128", 1, 8700.0, 9.4), run("relay", "ctrl_c128", 2, 8300.0, 9.8),
+        run("vanilla", "nosh_c128", 0, 8472.0, 11.4), run("vanilla", "nosh_c128", 1, 7542.0, 11.4),
+        run("vanilla", "nosh_c128", 2, 8530.0, 11.4), run("relay", "nosh_c128", 0, 8521.0, 11.4),
+        run("relay", "nosh_c128", 1, 7576.0, 11.3)]}
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(call))
+    assert summarize.main([str(src), "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    md = (tmp_path / "serving-h100-80gb-hbm3.md").read_text()
+
+    def cells(prefix):
+        return [c.strip() for c in next(l for l in md.splitlines() if l.startswith(prefix)).strip("|").split("|")]
+
+    # ctrl: same-seed ratios 0.9875, 1.0115, 0.9881 -> the median pair is seed 44 (repeat 2).
+    assert cells("| ctrl_c128 |")[2:5] == ["8300", "8400", "0.99x"]
+    assert cells("| ctrl_c128 |")[9:11] == ["9.8", "9.7"]  # that pair's own TPOT
+    assert cells("| nosh_c128 |")[2:5] == ["7576", "7542", "1.00x"]  # seeds 42, 43 only
+    assert cells("| ctrl_c128 | 7900, 8700, 8300 |")[2:5] == ["8000, 8600, 8400", "0.99x, 1.01x, 0.99x", "0.99x"]
+    assert cells("| nosh_c128 | 8521, 7576 |")[2:5] == ["8472, 7542, 8530", "1.01x, 1.00x", "1.00x"]
+    doc = json.loads((tmp_path / "serving-h100-80gb-hbm3.json").read_text())
+    assert {t["workload"]: t["relay"]["output_throughput"] for t in doc["table"]} == {
+        "ctrl_c128": 8300.0, "nosh_c128": 7576.0}
 
 
 def test_summarize_keeps_twins_of_one_call_and_references_with_their_own_vanilla(tmp_path):

@@ -223,6 +223,21 @@ def select_workloads(spec: str) -> list[Workload]:
     return [WORKLOADS[n] for n in names]
 
 
+# Workloads whose runs are repeated by ``--repeat`` (the others run once: a repeat of a fixed
+# prompt set would find it in the radix cache).
+REPEATABLE_KINDS = ("gsp", "rnd")  # their prompts come from the seed; nested / frontend prompts do not
+
+
+def repeat_order(todo: list[Workload], repeats: int) -> list[tuple[int, Workload]]:
+    """``(repeat, workload)`` in run order: every workload once, then the repeatable ones again,
+    round by round, so drift over a server's life spreads over all workloads and the budget cuts
+    repeats before any first run."""
+    order = [(0, w) for w in todo]
+    for rep in range(1, max(1, repeats)):
+        order += [(rep, w) for w in todo if w.kind in REPEATABLE_KINDS]
+    return order
+
+
 def rate_num_requests(rate: float) -> int:
     """Requests of one rate point: ~8 s of arrivals, longer than a request's life at the SLO
     (256 tokens x 20-40 ms), so the running batch reaches its steady size."""
@@ -248,8 +263,11 @@ def next_rate(rates: list[float], results: dict[float, bool]) -> float | None:
 
 
 def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: str,
-              dataset_path: Path | None = None, rate: float | None = None) -> list[str]:
-    """The ``sglang.benchmark.serving`` (or frontend program) command of one run."""
+              dataset_path: Path | None = None, rate: float | None = None, repeat: int = 0) -> list[str]:
+    """The ``sglang.benchmark.serving`` (or frontend program) command of one run.
+
+    ``repeat`` (``--repeat``): the i-th run of a workload on one server draws its prompts with seed
+    42 + i, so a repeat does not find the previous run's questions in the radix cache."""
     if w.kind == "exact":
         cfg = Path(model_dir) / "config.json"  # absent only in --dry-run
         vocab = json.loads(cfg.read_text())["vocab_size"] if cfg.exists() else 32000
@@ -269,7 +287,7 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
                 "--threads", str(w.conc), "--output-file", str(out_file), "--tag", tag]
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
            "--host", "127.0.0.1", "--port", str(port), "--tokenizer", model_dir,
-           "--output-file", str(out_file), "--tag", tag, "--disable-tqdm", "--seed", "42",
+           "--output-file", str(out_file), "--tag", tag, "--disable-tqdm", "--seed", str(42 + repeat),
            "--ready-check-timeout-sec", "30", "--output-details"]
     if w.kind in ("gsp", "rate"):
         per_group = rate_num_requests(rate) if w.kind == "rate" else w.per_group
@@ -381,7 +399,7 @@ class Driver:
             "model": self.model, "workloads_requested": a.workloads,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "driver_argv": sys.argv, "server_args_extra": a.server_args, "budget_s": a.budget_s,
-            "slo_p99_tpot_ms": a.slo_ms, "rates": a.rates, "rates_for": a.rates_for, "question_len": QUESTION_LEN,
+            "slo_p99_tpot_ms": a.slo_ms, "repeat": a.repeat, "rates": a.rates, "rates_for": a.rates_for, "question_len": QUESTION_LEN,
             "output_len": OUTPUT_LEN, "workloads": {w.name: dataclasses.asdict(w) for w in self.workloads},
             "server_cmds": {}, "server_env": {}, "server_start_s": {}, "warmup_s": {},
             "server_info": {}, "server_log_errors": {}, "runs": [], "rate_search": {},
@@ -661,15 +679,17 @@ class Driver:
             print("\n".join(tail), flush=True)
 
     # -------------------------------------------------------------- benchmarks
-    def run_one(self, system: str, w: Workload, rate: float | None = None, timeout: float | None = None) -> dict:
+    def run_one(self, system: str, w: Workload, rate: float | None = None, timeout: float | None = None,
+                repeat: int = 0) -> dict:
         label = w.name if rate is None else f"{w.name}@{rate:g}"
         tag = f"{self.model}/{system}/{label}"
-        out_file = WORK / f"{system}-{label}.jsonl"
-        log = WORK / f"{system}-{label}.log"
+        fname = label + (f"-r{repeat}" if repeat else "")
+        out_file = WORK / f"{system}-{fname}.jsonl"
+        log = WORK / f"{system}-{fname}.log"
         cmd = bench_cmd(w, port=self.a.port, model_dir=self.model_dir, out_file=out_file, tag=tag,
-                        dataset_path=WORK / "nested.data", rate=rate)
+                        dataset_path=WORK / "nested.data", rate=rate, repeat=repeat)
         timeout = min(timeout or 3 * self.est(system, w) + 30, self.left() - 15)
-        run = {"system": system, "workload": w.name, "rate": rate, "cmd": shlex.join(cmd),
+        run = {"system": system, "workload": w.name, "rate": rate, "repeat": repeat, "cmd": shlex.join(cmd),
                "timeout_s": round(timeout), "tag": tag}
         t = time.time()
         run["rc"] = rc = self.sh(cmd, timeout=timeout, log=log, check=False)
@@ -796,29 +816,32 @@ class Driver:
         return sum(self.run_cost(s, ns) for s, ns in later)
 
     def run_system(self, system: str, todo: list[Workload]) -> list[str]:
-        """Start ``system``, run ``todo`` within the budget, stop. Returns the workloads that ran."""
+        """Start ``system``, run ``todo`` (``--repeat`` times) within the budget, stop. Returns the
+        workloads that ran, once per run."""
         done: list[str] = []
         self.current = system
         if not self.start_server(system):
             self.stop_server(system)
             return done
         try:
-            for w in todo:
+            for rep, w in repeat_order(todo, self.a.repeat):
+                label = w.name + (f" (repeat {rep})" if rep else "")
+                # ``done`` lists every run (repeats too), so the reserve holds the twin's runs of each.
                 reserve = self.later_cost(system, done + [w.name])
                 need = self.est(system, w) + reserve + 20
                 if not self.a.dry_run and self.left() < need:
-                    msg = f"{system}/{w.name}: skipped, {self.left():.0f}s left < {need:.0f}s needed"
+                    msg = f"{system}/{label}: skipped, {self.left():.0f}s left < {need:.0f}s needed"
                     self.results["skipped"].append(msg)
                     self.log(msg)
                     continue
                 if not self.server_alive():
-                    self.fail(f"{system} server died; skipping {w.name}", system)
-                    self.results["skipped"].append(f"{system}/{w.name}: server dead")
+                    self.fail(f"{system} server died; skipping {label}", system)
+                    self.results["skipped"].append(f"{system}/{label}: server dead")
                     continue
                 if w.kind == "rate":
                     self.run_rate_search(system, w)
                 else:
-                    self.run_one(system, w)
+                    self.run_one(system, w, repeat=rep)
                 done.append(w.name)
         finally:
             self.stop_server(system)
@@ -890,6 +913,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--relay-min-group-size", type=int)
     ap.add_argument("--relay-min-prefix-tokens", type=int)
     ap.add_argument("--slo-ms", type=float, default=None, help="p99 TPOT SLO of rate8k (default per model)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each benchmark-client workload this many times per server (seed 42, 43, ...); "
+                         "summarize.py shows every run and takes the median run's numbers")
     ap.add_argument("--rates", type=_rate_list, default=list(DEFAULT_RATES))
     ap.add_argument("--rates-for", action="append", default=[], type=_system_rates, metavar="SYSTEM=R1,R2",
                     help="rates of one system's search (repeatable; others use --rates): vanilla and relay "

@@ -89,13 +89,14 @@ def index(calls: list[dict]) -> dict:
     carries its own call's vanilla and relay (``twin_vanilla``, ``twin_relay``) for its ratios."""
     table: dict = {}
     for call in calls:
-        this: dict = {}
+        each: dict = {}
         for run in call.get("runs", []):
             if "result" not in run:
                 continue
             model = run.get("model") or call.get("model")
             key = (model, run["workload"], run.get("rate"))
-            this.setdefault(key, {})[run["system"]] = dict(run, record=record_name(call.get("source")))
+            each.setdefault(key, {}).setdefault(run["system"], []).append(dict(run, record=record_name(call.get("source"))))
+        this = {key: pick_repeats(by_system) for key, by_system in each.items()}
         for key, runs in this.items():
             shown = table.setdefault(key, {})
             twins = {x: runs[x] for x in SYSTEMS if x in runs}
@@ -107,6 +108,43 @@ def index(calls: list[dict]) -> dict:
                 if system not in SYSTEMS:
                     shown[system] = dict(run, twin_vanilla=runs.get("vanilla"), twin_relay=runs.get("relay"))
     return table
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median output throughput among one call's repeats of a workload on one system
+    (``run_serving.py --repeat``; the lower median for an even count)."""
+    tok_s = [r["result"].get("output_throughput") or 0.0 for r in runs]
+    return runs[sorted(range(len(runs)), key=lambda i: tok_s[i])[(len(runs) - 1) // 2]]
+
+
+def pick_repeats(by_system: dict[str, list[dict]]) -> dict[str, dict]:
+    """One run per system from one call's runs of one workload (several with ``--repeat``).
+
+    Twins are paired by repeat index, i.e. by seed, so both ran the same prompts: the row is the
+    same-seed pair whose relay / vanilla throughput ratio is the median of the pairs' (the lower
+    median for an even count; repeats only one twin ran are left out). A system without its twin
+    shows its median run. Each picked run keeps its own numbers (TTFT, TPOT, step: never a mix of
+    runs) and, when there were repeats, ``repeats_tok_s`` (every run, in repeat order) and
+    ``pair_ratios`` (relay / vanilla per common seed)."""
+    picked = {}
+    for system, runs in by_system.items():
+        runs = sorted(runs, key=lambda r: r.get("repeat") or 0)
+        picked[system] = dict(median_run(runs), repeats_tok_s=[r["result"].get("output_throughput") for r in runs]) \
+            if len(runs) > 1 else runs[0]
+    r_runs, v_runs = by_system.get("relay", []), by_system.get("vanilla", [])
+    if len(r_runs) > 1 or len(v_runs) > 1:
+        r_by = {r.get("repeat") or 0: r for r in r_runs}
+        v_by = {r.get("repeat") or 0: r for r in v_runs}
+        common = sorted(set(r_by) & set(v_by))
+        tput = lambda run: run["result"].get("output_throughput") or 0.0  # noqa: E731
+        ratios = {i: tput(r_by[i]) / tput(v_by[i]) for i in common if tput(v_by[i])}
+        if ratios:
+            rep = sorted(ratios, key=ratios.get)[(len(ratios) - 1) // 2]
+            pair_ratios = [ratios[i] for i in sorted(ratios)]
+            picked["relay"] = dict(r_by[rep], repeats_tok_s=picked["relay"].get("repeats_tok_s"), pair_ratios=pair_ratios)
+            picked["vanilla"] = dict(v_by[rep], repeats_tok_s=picked["vanilla"].get("repeats_tok_s"),
+                                     pair_ratios=pair_ratios)
+    return picked
 
 
 def record_name(source: str | None) -> str:
@@ -239,6 +277,32 @@ def probe_rows(calls: list[dict], model: str) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
 
 
+def repeat_rows(table: dict, model: str) -> list[str]:
+    """Workloads run several times per server (``--repeat``): every run's output tok/s, the
+    relay / vanilla ratio of each same-seed pair, and the row's (the median pair's)."""
+    rows = []
+    for name in WORKLOADS:
+        runs = table.get((model, name, None), {})
+        r, v = runs.get("relay"), runs.get("vanilla")
+        if not any(x and x.get("repeats_tok_s") for x in (r, v)):
+            continue
+        rs = (r or {}).get("repeats_tok_s") or [_get(r, "output_throughput")]
+        vs = (v or {}).get("repeats_tok_s") or [_get(v, "output_throughput")]
+        pairs = (r or v).get("pair_ratios") or []
+        rows.append("| " + " | ".join([
+            name, ", ".join(_f(x) for x in rs), ", ".join(_f(x) for x in vs),
+            ", ".join(f"{x:.2f}x" for x in pairs) or "–",
+            _ratio(_get(r, "output_throughput"), _get(v, "output_throughput")), _records(r, v)]) + " |")
+    if not rows:
+        return []
+    return ["Repeated runs (`run_serving.py --repeat N`: each server runs the workload N times with seeds 42, "
+            "43, ...; the i-th runs of relay and vanilla served the same prompts. The main table's row is the "
+            "same-seed pair with the median ratio):", "",
+            "| workload | relay tok/s, each run | vanilla tok/s, each run | relay / vanilla, same seed | "
+            "row's ratio | record |",
+            "|---|---|---|---|---|---|"] + rows + [""]
+
+
 def timeline_rows(calls: list[dict], model: str) -> list[str]:
     """Runs with a ``timeline`` (``decode_timeline.py``): a burst's median TPOT next to the decode
     step at full batch; the difference is what the burst's prefill ramp (and the ramp's smaller
@@ -337,6 +401,7 @@ def markdown(calls: list[dict]) -> str:
                 _records(r, v),
             ]) + " |")
         out.append("")
+        out += repeat_rows(table, model)
         refs = [(name, system, runs[system], runs[system].get("twin_vanilla"), runs[system].get("twin_relay"))
                 for name in WORKLOADS for system in REFERENCES
                 if (runs := table.get((model, name, None), {})) and system in runs and "result" in runs[system]]
