@@ -89,7 +89,8 @@ def after_scheduler_init(result, self, *args, **kwargs):
             # A decode step allocates one slot per running request: keep those on SGLang's path.
             min_run = manager.config.consecutive_alloc
             max_running = int(getattr(self, "max_running_requests", 0) or 0)
-            if min_run and prefer_consecutive_slots(allocator, max(min_run, max_running + 1)):
+            if min_run and prefer_consecutive_slots(allocator, max(min_run, max_running + 1),
+                                                    make_room=getattr(self.tree_cache, "make_room_for_run", None)):
                 logger.info("relay-radix: allocations of >= %d KV slots take the free-slot window with the fewest "
                             "breaks (RELAY_RADIX_CONSECUTIVE_ALLOC=0 to turn off)", allocator.relay_consecutive_min)
         else:

@@ -23,6 +23,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_SORT_FREE_SLOTS`` | 1 | SGLang's token allocator re-sorts its free slots when its free list runs short (its own ``need_sort``), so prompts prefilled after the pool's first pass still get consecutive slots (``relay_radix.kv_slots.keep_free_slots_sorted``); 0 leaves the allocator as SGLang made it |
 | ``RELAY_RADIX_PLAIN_GRAPHS`` | 1 | decode CUDA graphs are captured twice per batch size: the relay graph, and a plain one (FlashInfer decode over whole sequences, vanilla's kernel) replayed for steps with no relay group (``relay_radix.patches.cuda_graph``; FlashInfer suffixes only); 0 captures the relay graph only |
 | ``RELAY_RADIX_CONSECUTIVE_ALLOC`` | 1024 | allocations of at least this many KV slots (prefill chunks of long prompts; never a decode step, whose allocation is one slot per running request: the bound is raised above ``--max-running-requests``) take the window of free slots with the fewest breaks (a consecutive run when one is long enough), so a long prompt prefilled into a fragmented pool is still read by TMA (``relay_radix.kv_slots.prefer_consecutive_slots``; needs ``RELAY_RADIX_SORT_FREE_SLOTS``); 0 turns it off |
+| ``RELAY_RADIX_EVICT_FOR_RUNS`` | 4 | such an allocation that finds the pool full may evict up to this many times its size more of the radix cache (least recently used first, in rounds, stopping when a round does not help) until the free slots hold a window with at most one break per 1024 slots: on a long-running server SGLang's minimal eviction frees scattered slots, and a new long prompt then misses TMA and the pool pass (``relay_radix.kv_slots.evict_for_consecutive_window`` through ``RelayRadixCache.make_room_for_run``: only an allocation SGLang has just evicted for, never a retraction's or decode-memory reservation; a log line at most every 30 s says how much); 0 turns it off |
 | ``RELAY_RADIX_PREFIX_POOL`` | auto | groups whose shared segment is one run of consecutive KV slots, with at least ``RELAY_RADIX_PREFIX_POOL_MIN_ROWS`` stacked rows, are attended by FlashInfer's FA3 prefill reading the KV pool in place (``relay_radix.kernels.pool_prefix``), the others by the Triton prefix launch: ``auto`` (GQA models where the GPU and model allow it: Hopper, bf16/fp16 KV, head_dim 64/128/256, no logit cap; session 15, H100, GQA-4 TPOT 8K 11.23 -> 10.81 ms, 16K 13.17 -> 12.10 ms), ``fa3`` (any model; refuse to start where it cannot run) or ``off`` |
 | ``RELAY_RADIX_PREFIX_POOL_MIN_ROWS`` | 512 | fewest stacked query rows (members x query heads per KV head) of a group the pool pass takes; smaller groups were slower there (GQA-4 with 8-64 members 0.60-0.84x the Triton launch's speed) |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
@@ -67,6 +68,7 @@ class RelayConfig:
     slot_runs: bool = True
     sort_free_slots: bool = True
     consecutive_alloc: int = 1024  # min slots of an allocation that looks for a consecutive run (0: off)
+    evict_for_runs: int = 4  # such an allocation may evict up to this many times its size more (0: off)
     prefix_tile: str = "64x64x4x3"  # BLOCK_M x BLOCK_N x num_warps x num_stages of the prefix launch
     prefix_programs: str = "auto"  # programs per SM of the prefix grid, "G" or "G/S" (short steps: S)
     prefix_pool: str = "auto"  # one-run segments on FlashInfer's FA3 over the pool: auto, fa3 or off
@@ -89,6 +91,8 @@ class RelayConfig:
             raise ValueError("max_levels must be >= 1 (RELAY_RADIX_MAX_LEVELS)")
         if self.consecutive_alloc < 0:
             raise ValueError("RELAY_RADIX_CONSECUTIVE_ALLOC must be >= 0 (0 turns it off)")
+        if self.evict_for_runs < 0:
+            raise ValueError("RELAY_RADIX_EVICT_FOR_RUNS must be >= 0 (0 turns it off)")
         if self.max_groups < 1:
             raise ValueError("max_groups must be >= 1 (RELAY_RADIX_MAX_GROUPS)")
         if self.suffix is not None and self.suffix not in SUFFIX_CHOICES:
@@ -157,6 +161,7 @@ class RelayConfig:
             slot_runs=_env_int("RELAY_RADIX_SLOT_RUNS", 1) != 0,
             sort_free_slots=_env_int("RELAY_RADIX_SORT_FREE_SLOTS", 1) != 0,
             consecutive_alloc=_env_int("RELAY_RADIX_CONSECUTIVE_ALLOC", 1024),
+            evict_for_runs=_env_int("RELAY_RADIX_EVICT_FOR_RUNS", 4),
             prefix_tile=os.environ.get("RELAY_RADIX_PREFIX_TILE") or "64x64x4x3",
             prefix_programs=os.environ.get("RELAY_RADIX_PREFIX_PROGRAMS") or "auto",
             prefix_pool=(os.environ.get("RELAY_RADIX_PREFIX_POOL") or "auto").lower(),

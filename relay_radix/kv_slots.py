@@ -224,23 +224,29 @@ def keep_free_slots_sorted(allocator) -> bool:
     return True
 
 
-def fewest_breaks_window(free_sorted: torch.Tensor, need: int) -> torch.Tensor:
-    """Index ``pos`` (0-d int64 tensor, on ``free_sorted``'s device) of the first window
-    ``free_sorted[pos : pos + need]`` with the fewest breaks (adjacent slots that do not follow
-    each other): a run of consecutive slots when one is long enough.
+def window_breaks(free_sorted: torch.Tensor, need: int) -> torch.Tensor:
+    """Breaks (adjacent slots that do not follow each other) in every window of ``need`` slots of
+    ``free_sorted``: ``[L - need + 1]`` int32, entry ``pos`` for ``free_sorted[pos : pos + need]``.
 
-    ``free_sorted``: ``[L]`` ascending, distinct slot ids, ``L >= need >= 1``. Breaks per window
-    are a sliding sum over the ``L - 1`` adjacencies; all on the device, no host sync
-    (``argmin`` returns the first minimum)."""
+    ``free_sorted``: ``[L]`` ascending, distinct slot ids, ``L >= need >= 1``. A sliding sum over
+    the ``L - 1`` adjacencies, all on the tensor's device."""
     n = free_sorted.numel()
     if need <= 1 or n <= 1:
-        return torch.zeros((), dtype=torch.int64, device=free_sorted.device)
+        return torch.zeros(max(n - need + 1, 1), dtype=torch.int32, device=free_sorted.device)
     brk = (free_sorted[1:] != free_sorted[:-1] + 1).to(torch.int32)  # [L-1]
-    cum = torch.cat([brk.new_zeros(1), torch.cumsum(brk, 0)])  # [L]: breaks among the first i adjacencies
-    return torch.argmin(cum[need - 1:] - cum[: n - need + 1])  # window pos spans adjacencies pos..pos+need-2
+    cum = torch.cat([brk.new_zeros(1), torch.cumsum(brk, 0, dtype=torch.int32)])  # [L]: breaks among the first i adjacencies
+    return cum[need - 1:] - cum[: n - need + 1]  # window pos spans adjacencies pos..pos+need-2
 
 
-def prefer_consecutive_slots(allocator, min_tokens: int) -> bool:
+def fewest_breaks_window(free_sorted: torch.Tensor, need: int) -> torch.Tensor:
+    """Index ``pos`` (0-d int64 tensor, on ``free_sorted``'s device) of the first window
+    ``free_sorted[pos : pos + need]`` with the fewest breaks (:func:`window_breaks`): a run of
+    consecutive slots when one is long enough. No host sync (``argmin`` returns the first
+    minimum)."""
+    return torch.argmin(window_breaks(free_sorted, need))
+
+
+def prefer_consecutive_slots(allocator, min_tokens: int, make_room=None) -> bool:
     """Give allocations of ``min_tokens`` or more (prefill chunks of long prompts) the first run
     of consecutive free slots that holds them, or else the window of free slots with the fewest
     breaks (``RELAY_RADIX_CONSECUTIVE_ALLOC``).
@@ -254,8 +260,10 @@ def prefer_consecutive_slots(allocator, min_tokens: int) -> bool:
     ``merge_and_sort_free``), then takes the window of the sorted free list with the fewest
     breaks (:func:`fewest_breaks_window`, on the device, no sync): the first consecutive run when
     one is long enough. Smaller allocations (decode steps: one slot per running request) keep
-    SGLang's path. Needs the page-size-1 ``TokenToKVPoolAllocator`` with sorting on; returns
-    True when installed."""
+    SGLang's path. ``make_room(need)`` (the tree's ``RelayRadixCache.make_room_for_run``), if
+    given, runs first: where the pool was full it evicts old cache until a run exists
+    (``RELAY_RADIX_EVICT_FOR_RUNS``). Needs the page-size-1 ``TokenToKVPoolAllocator`` with
+    sorting on; returns True when installed."""
     if min_tokens <= 0 or not getattr(allocator, "need_sort", False) or getattr(allocator, "page_size", 1) != 1 \
             or not hasattr(allocator, "merge_and_sort_free") or not hasattr(allocator, "free_pages"):
         return False
@@ -264,6 +272,8 @@ def prefer_consecutive_slots(allocator, min_tokens: int) -> bool:
     def alloc(need_size: int):
         if need_size < min_tokens:
             return sglang_alloc(need_size)
+        if make_room is not None:
+            make_room(need_size)
         allocator.merge_and_sort_free()
         free = allocator.free_pages
         total = free.numel()
@@ -278,3 +288,45 @@ def prefer_consecutive_slots(allocator, min_tokens: int) -> bool:
     allocator.alloc = alloc
     allocator.relay_consecutive_min = min_tokens
     return True
+
+
+# A large allocation is "one run" enough when its window has at most one break per this many
+# slots (a 16K-token prompt: 16 breaks, each costing the prefix launch one more TMA chunk start).
+WINDOW_SLOTS_PER_BREAK = 1024
+
+
+def evict_for_consecutive_window(allocator, evict, need: int, max_extra: int) -> tuple[int, int]:
+    """Evict more of the radix cache (least recently used first) until the free slots hold a
+    window of ``need`` slots with at most ``need // WINDOW_SLOTS_PER_BREAK`` breaks, so the
+    allocation that follows (``prefer_consecutive_slots``) lays a long prompt in one run.
+    ``RELAY_RADIX_EVICT_FOR_RUNS``.
+
+    Why: on a server whose pool is full of cached requests, SGLang evicts just enough least
+    recently used leaves for the new prompt, and their slots are scattered (decode tokens of
+    many requests interleave, one slot per request per step), so a new long system prompt is
+    spread over hundreds of runs: the relay prefix launch then gathers it instead of reading it
+    with TMA, and the pool prefix pass (one run per group) cannot take it at all. Measured in
+    session 16 (MHA, 8K and 16K prompts after the control and no-sharing runs): 251 and 598
+    breaks, decode steps 15.2 / 17.7 ms against 14.6 / 16.3 ms with the prompts in one run.
+    Evicting the rest of an old cohort frees its whole slot range at once.
+
+    ``evict(n)``: evicts at least ``n`` tokens from the tree (SGLang's LRU order) and returns how
+    many it evicted. Rounds of ``need`` tokens, at most ``max_extra`` tokens in all; stops early
+    when the cache has nothing evictable left or a round did not lower the fewest breaks (the
+    fragmentation is in live requests' slots, which eviction cannot free). Returns ``(extra
+    tokens evicted, fewest breaks of a window afterwards or -1 if fewer than need free)``.
+    Syncs with the device once per round (reads the fewest breaks): only allocations large
+    enough for ``prefer_consecutive_slots`` that found the pool full get here."""
+    allowed = need // WINDOW_SLOTS_PER_BREAK
+    extra, best = 0, None
+    while True:
+        allocator.merge_and_sort_free()
+        free = allocator.free_pages
+        breaks = int(window_breaks(free, need).min()) if free.numel() >= need else -1
+        if 0 <= breaks <= allowed or extra >= max_extra or (best is not None and 0 <= best <= breaks):
+            return extra, breaks
+        best = breaks
+        got = evict(min(need, max_extra - extra))
+        if got <= 0:
+            return extra, breaks
+        extra += got

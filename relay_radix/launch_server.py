@@ -35,11 +35,12 @@ RELAY_FLAGS = {
     "--relay-plain-graphs": ("RELAY_RADIX_PLAIN_GRAPHS", ("0", "1")),
     "--relay-gate": ("RELAY_RADIX_GATE", ("0", "1")),
     "--relay-consecutive-alloc": ("RELAY_RADIX_CONSECUTIVE_ALLOC", None),
+    "--relay-evict-for-runs": ("RELAY_RADIX_EVICT_FOR_RUNS", None),
     "--relay-prefix-pool": ("RELAY_RADIX_PREFIX_POOL", ("auto", "fa3", "off")),
     "--relay-prefix-pool-min-rows": ("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", None),
 }
 _INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc",
-              "--relay-prefix-pool-min-rows")
+              "--relay-evict-for-runs", "--relay-prefix-pool-min-rows")
 _MODEL_FLAGS = ("--model-path", "--model", "--tokenizer-path")
 
 # Largest decode batch a relay launch captures in a CUDA graph (SGLang's default on an 80 GB GPU
@@ -77,6 +78,9 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
   --relay-consecutive-alloc N          RELAY_RADIX_CONSECUTIVE_ALLOC: allocations of >= N KV slots
                                        take the free window with the fewest breaks (default 1024;
                                        0 off)
+  --relay-evict-for-runs N             RELAY_RADIX_EVICT_FOR_RUNS: such an allocation into a full
+                                       pool may evict up to N times its size more of the cache
+                                       (LRU) to find a run (default 4; 0 off)
   --relay-prefix-pool {auto,fa3,off}   RELAY_RADIX_PREFIX_POOL: groups in one run of KV slots on
                                        FlashInfer's FA3 prefill over the pool (default auto: GQA
                                        models on Hopper)

@@ -8,10 +8,16 @@ backend ``relay`` (``--radix-cache-backend relay``) by ``relay_radix.plugin``.
 
 from __future__ import annotations
 
+import logging
+import time
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from relay_radix.config import RelayConfig
 from relay_radix.groups import RelayGroupManager
+
+logger = logging.getLogger(__name__)
 
 
 class _CreationOrderTieBreak:
@@ -54,7 +60,46 @@ class RelayRadixCache(RadixCache):
                 f"relay-radix supports --page-size 1 only (got {self.page_size})"
             )
         self.relay = RelayGroupManager(self, config)
+        self.window_evicted_tokens = 0  # extra tokens evicted for consecutive windows
+        self._window_log_at = float("-inf")
+        self._evicted_for = 0  # num_tokens of the latest evict (see make_room_for_run)
         self.eviction_strategy = _CreationOrderTieBreak(self.eviction_strategy)
+
+    # SGLang: RadixCache.evict -- evict_from_tree_cache calls it right before
+    # allocator.alloc(num_tokens) (alloc_token_slots) when the free slots cannot hold the
+    # allocation, but also for reservations that no allocation of that size follows (retraction,
+    # check_decode_mem). So only remember the size here; the allocator's large-allocation path
+    # (kv_slots.prefer_consecutive_slots) calls make_room_for_run with its own size, and only an
+    # allocation that follows its own eviction gets the extra eviction.
+    def evict(self, params: EvictParams):
+        result = super().evict(params)
+        self._evicted_for = params.num_tokens
+        return result
+
+    def make_room_for_run(self, need: int) -> None:
+        """Before an allocation of ``need`` slots (``prefer_consecutive_slots``): if SGLang just
+        evicted for it (the pool was full), evict on, least recently used first, until the free
+        slots hold a window of ``need`` with few breaks (``kv_slots.evict_for_consecutive_window``,
+        at most ``RELAY_RADIX_EVICT_FOR_RUNS`` x ``need`` more tokens)."""
+        evicted_for, self._evicted_for = self._evicted_for, 0
+        factor = self.relay.config.evict_for_runs if self.relay is not None else 0
+        if not factor or evicted_for != need:
+            return
+        from relay_radix.kv_slots import evict_for_consecutive_window
+
+        extra, breaks = evict_for_consecutive_window(
+            self.token_to_kv_pool_allocator,
+            lambda n: super(RelayRadixCache, self).evict(EvictParams(num_tokens=n)).num_tokens_evicted,
+            need, factor * need)
+        if extra:
+            self.window_evicted_tokens += extra
+            now = time.monotonic()
+            if now - self._window_log_at >= 30.0:  # at most one line per 30 s; the total is kept
+                self._window_log_at = now
+                logger.info("relay-radix: evicted %d more cached tokens (least recently used) so a %d-slot "
+                            "allocation finds a window with %d breaks (%d extra tokens since start; "
+                            "RELAY_RADIX_EVICT_FOR_RUNS=0 to turn off)", extra, need, breaks,
+                            self.window_evicted_tokens)
 
     def reset(self):
         super().reset()

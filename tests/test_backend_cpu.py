@@ -569,6 +569,112 @@ def test_large_allocations_take_the_first_consecutive_run():
     assert int(fewest_breaks_window(f, 16)) == 4
 
 
+def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64):
+    """SGLang's allocator (sorted, ``prefer_consecutive_slots``) under a ``RelayRadixCache``,
+    filled as a serving benchmark leaves it: cohorts of requests whose prompts were prefilled in
+    one allocation and whose decode steps took one slot per request per step, every finished
+    request cached in the tree. Returns ``(tree, allocator, cohort)``; ``cohort(r, p, d, live)``
+    runs one more cohort through SGLang's own ``alloc_token_slots`` (which evicts when the pool
+    is full) and caches it, or keeps it allocated (live requests, never evictable)."""
+    from array import array
+
+    from sglang.srt.mem_cache.allocation import alloc_token_slots
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from relay_radix.kv_slots import keep_free_slots_sorted, prefer_consecutive_slots
+    from relay_radix.radix_cache import RelayRadixCache
+
+    alloc = TokenToKVPoolAllocator(size=size, dtype=torch.float16, device="cpu", kvcache=None, need_sort=False)
+    tree = RelayRadixCache(
+        CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(size=8, max_context_len=64, device="cpu",
+                                                                         enable_memory_saver=False),
+                        token_to_kv_pool_allocator=alloc, page_size=1),
+        config=RelayConfig(evict_for_runs=evict_for_runs))
+    # As relay_radix.patches.scheduler_hooks.after_scheduler_init installs them.
+    assert keep_free_slots_sorted(alloc) and prefer_consecutive_slots(alloc, min_run, make_room=tree.make_room_for_run)
+    serial = iter(range(1, 10**9))
+
+    def cohort(r: int, p: int, d: int, live: bool = False):
+        prompts = alloc_token_slots(tree, r * p).view(r, p)
+        steps = [alloc_token_slots(tree, r) for _ in range(d)]  # a decode step: one slot per request
+        values = torch.cat([prompts, torch.stack(steps, 1)], 1) if d else prompts
+        if not live:
+            for v in values:
+                key = RadixKey(array("q", [next(serial) for _ in range(v.numel())]))
+                tree.insert(InsertParams(key=key, value=v.to(torch.int64)))
+        return values
+
+    return tree, alloc, cohort
+
+
+def _breaks(slots: torch.Tensor) -> int:
+    s = slots.sort().values
+    return int((s[1:] != s[:-1] + 1).sum())
+
+
+def test_a_long_prompt_into_a_full_pool_evicts_an_old_cohort_for_one_run():
+    """``RELAY_RADIX_EVICT_FOR_RUNS`` over SGLang's real allocator and eviction: a pool full of
+    cached requests (cohort A, then B, which already evicted part of A) takes a long prompt.
+    SGLang's minimal eviction frees the least recently used leaves, A's, whose slots interleave
+    (one per request per decode step): the prompt lands in many runs. Evicting more of A, in
+    rounds, frees a whole range: one run. The extra eviction stays within its bound, and every
+    slot is either free, cached in the tree or the prompt's."""
+    from sglang.srt.mem_cache.allocation import alloc_token_slots
+
+    need, size = 768, 3584
+    got = {}
+    for factor in (0, 4):
+        tree, alloc, cohort = _full_pool(factor, size)
+        cohort(32, 16, 48)  # A: 2048 slots
+        cohort(32, 32, 32)  # B: 2048 slots, evicts ~512 of A
+        evicted_before = tree.window_evicted_tokens
+        prompt = alloc_token_slots(tree, need)
+        assert prompt.unique().numel() == need
+        assert alloc.available_size() + tree.total_size() + need == size
+        got[factor] = (_breaks(prompt), tree.window_evicted_tokens - evicted_before)
+    (off_breaks, off_extra), (on_breaks, on_extra) = got[0], got[4]
+    assert off_extra == 0 and off_breaks > 20, got  # 48 here
+    assert on_breaks == 0 and 0 < on_extra <= 4 * need, got
+
+    # An eviction no allocation of its size follows (SGLang's retraction and decode-memory checks
+    # reserve that way) triggers nothing: the next large allocation did not evict for itself.
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+    tree, alloc, cohort = _full_pool(4, size)
+    cohort(32, 16, 48)
+    cohort(32, 32, 32)
+    evict_from_tree_cache(tree, 3 * need)  # a reservation: frees 3 * need, allocates nothing
+    prompt = alloc_token_slots(tree, need)
+    assert tree.window_evicted_tokens == 0 and prompt.unique().numel() == need
+
+
+def test_window_eviction_stops_when_live_requests_fragment_the_pool():
+    """When the scattered slots belong to live requests (never evictable), evicting more cannot
+    make a run: the window eviction stops after one round that did not lower the breaks, so a
+    busy server does not drain its cache for nothing."""
+    from array import array
+
+    from sglang.srt.mem_cache.allocation import alloc_token_slots
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    need, size = 256, 2048
+    tree, alloc, _ = _full_pool(4, size)
+    # Every decode step took a slot for a cached request and one for a live request: the pool is
+    # full, and the cached half is every other slot.
+    steps = torch.stack([alloc_token_slots(tree, 2) for _ in range(size // 2)])
+    for i, chunk in enumerate(steps[:, 0].to(torch.int64).split(64)):
+        tree.insert(InsertParams(key=RadixKey(array("q", range(i * 1000, i * 1000 + chunk.numel()))), value=chunk))
+    prompt = alloc_token_slots(tree, need)
+    assert prompt.unique().numel() == need and _breaks(prompt) == need - 1  # no run can exist
+    assert 0 < tree.window_evicted_tokens <= need  # one extra round, then it stopped
+    assert alloc.available_size() + tree.total_size() + size // 2 + need == size
+
+
 def test_pool_prefix_pass_choice_is_refused_loudly_where_it_cannot_run():
     """``RELAY_RADIX_PREFIX_POOL=fa3`` on a machine without Hopper refuses with what it needs and
     what to set instead; ``auto`` turns the pass off (MHA models always; here also no GPU), ``off``

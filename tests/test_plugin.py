@@ -127,6 +127,13 @@ def test_config_from_env_validates(monkeypatch):
     with pytest.raises(ValueError, match="RELAY_RADIX_CONSECUTIVE_ALLOC"):
         RelayConfig.from_env()
     monkeypatch.delenv("RELAY_RADIX_CONSECUTIVE_ALLOC")
+    assert RelayConfig.from_env().evict_for_runs == 4
+    monkeypatch.setenv("RELAY_RADIX_EVICT_FOR_RUNS", "0")
+    assert RelayConfig.from_env().evict_for_runs == 0
+    monkeypatch.setenv("RELAY_RADIX_EVICT_FOR_RUNS", "-2")
+    with pytest.raises(ValueError, match="RELAY_RADIX_EVICT_FOR_RUNS"):
+        RelayConfig.from_env()
+    monkeypatch.delenv("RELAY_RADIX_EVICT_FOR_RUNS")
     monkeypatch.setenv("RELAY_RADIX_PLAN_REUSE", "0")
     monkeypatch.setenv("RELAY_RADIX_PREFIX_STREAM", "0")
     assert (RelayConfig.from_env().plan_reuse, RelayConfig.from_env().prefix_stream) == (False, False)
