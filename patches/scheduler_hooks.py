@@ -148,7 +148,8 @@ def before_run_batch(self, batch, *args, **kwargs):
         prom = getattr(self, "_relay_prometheus", None)
         if prom is not None:
             prom.observe(stats, backend.host, backend.slot_runs.poll(), backend.plans_without_scheduler,
-                         pool_groups=backend.pool_groups)
+                         pool_groups=backend.pool_groups,
+                         window_evicted_tokens=getattr(getattr(self, "tree_cache", None), "window_evicted_tokens", None))
     else:
         backend.set_next_plan(None)
     return None

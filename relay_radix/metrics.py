@@ -125,6 +125,9 @@ class RelayPrometheus:
                                         "prefix plan (each sends a prefix chunk from TMA to the gather loop)")
         self.pool_groups = gauge("pool_groups", "Groups of the last relay step attended by the pool prefix pass "
                                  "(FlashInfer FA3 over the KV pool; RELAY_RADIX_PREFIX_POOL)")
+        self.window_evicted_tokens = gauge("window_evicted_tokens", "Cached tokens evicted so far beyond SGLang's "
+                                           "own eviction so that long prompts get one run of KV slots "
+                                           "(RELAY_RADIX_EVICT_FOR_RUNS)")
         self.kv_bytes_relay = Counter("sglang:relay_kv_bytes_read", "KV bytes decode attention read with relay",
                                       labelnames=names)
         self.kv_bytes_vanilla = Counter("sglang:relay_kv_bytes_vanilla", "KV bytes vanilla decode would have read",
@@ -140,12 +143,16 @@ class RelayPrometheus:
         self._host_mark = [0.0, 0.0, 0, 0, 0]
 
     def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0,
-                pool_groups: int | None = None) -> None:
+                pool_groups: int | None = None, window_evicted_tokens: int | None = None) -> None:
         """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
         call; ``slot_breaks``: the newest ``PrefixSlotRuns`` count (None: none finished yet);
         ``steps_without_plan``: the backend's running count of unplanned decode steps;
-        ``pool_groups``: groups of the last relay step on the pool prefix pass (None: pass off)."""
+        ``pool_groups``: groups of the last relay step on the pool prefix pass (None: pass off);
+        ``window_evicted_tokens``: the tree's running total of extra evictions for consecutive
+        windows (``RelayRadixCache.make_room_for_run``; None: not a relay tree)."""
         lb = self.labels
+        if window_evicted_tokens is not None:
+            self.window_evicted_tokens.labels(**lb).set(window_evicted_tokens)
         self.groups_over_cap.labels(**lb).set(s.groups_over_cap)
         self.groups_gated.labels(**lb).set(s.groups_gated)
         self.steps_without_plan.labels(**lb).set(steps_without_plan)

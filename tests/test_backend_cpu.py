@@ -349,7 +349,8 @@ def metered_backends(cfg):
     relay.config = cfg
     registry = CollectorRegistry()
     prom = RelayPrometheus({"tp_rank": "0"}, registry=registry)
-    return s, runner, relay, native, registry, types.SimpleNamespace(_relay_backend=relay, _relay_prometheus=prom)
+    return s, runner, relay, native, registry, types.SimpleNamespace(_relay_backend=relay, _relay_prometheus=prom,
+                                                                     tree_cache=s.tree)
 
 
 def test_decode_log_line_and_prometheus_after_real_steps():
@@ -399,6 +400,7 @@ def test_decode_log_line_and_prometheus_after_real_steps():
     assert (value("sglang:relay_groups"), value("sglang:relay_members")) == (1.0, 4.0)
     assert value("sglang:relay_shared_tokens") == 300.0
     assert value("sglang:relay_prefix_slot_breaks") == 0.0
+    assert value("sglang:relay_window_evicted_tokens") == 0.0  # the pool never filled
     read, vanilla = value("sglang:relay_kv_bytes_read_total"), value("sglang:relay_kv_bytes_vanilla_total")
     assert 0 < read < vanilla
     # Each hook adds the backend steps finished before it: steps 1 and 2 by the end of step 3.
