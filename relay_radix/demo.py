@@ -5,7 +5,11 @@ CPU mode (``python -m relay_radix.demo``): requests with two system prompts (one
 nested few-shot block) arrive, decode, finish. Each step prints the relay groups the
 manager promoted, the KV bytes decode attention reads with relay against vanilla (for the
 Llama-2-7B shape), and the max relative difference between the relay backend and SGLang's
-``torch_native`` backend on the same batch.
+``torch_native`` backend on the same batch. The gate (``relay_radix.gate``) prices each step
+for that shape on an H100, so the groups are sized as a serving batch would be: 32 requests
+on a 2K prompt, 16 of them under a 1K few-shot block (a nested group); a third, small
+prompt's group relays only beside them, and the last steps, with few requests left, decode
+plainly ("gated: faster unshared").
 
 GPU mode (``python -m relay_radix.demo --serve``, or automatically when CUDA is present):
 ``relay_radix.launch_server`` on the built-in Llama-2-7B-shaped model.
@@ -50,18 +54,21 @@ def run_cpu_demo(steps: int = 12, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     scheduler = types.SimpleNamespace(_relay_backend=relay)
 
-    support, fewshot, coding = _words(1, 1024), _words(2, 512), _words(3, 768)
-    arrivals = {0: [support + fewshot + _words(100 + i, 24) for i in range(6)]
-                   + [support + _words(200 + i, 32) for i in range(6)],
-                2: [coding + _words(300 + i, 16) for i in range(5)] + [_words(400, 64)],
-                5: [support + _words(500 + i, 20) for i in range(3)]}
-    worst, saved_total, vanilla_total = 0.0, 0, 0
+    support, fewshot, coding = _words(1, 2048), _words(2, 1024), _words(3, 768)
+    # Prefill batches per step. A prompt's first request is prefilled alone, as a server's
+    # first arrival would be: the requests after it then find the prompt in the radix tree.
+    nested = [support + fewshot + _words(100 + i, 24) for i in range(16)]
+    coders = [coding + _words(300 + i, 16) for i in range(5)]
+    arrivals = {0: [nested[:1], nested[1:] + [support + _words(200 + i, 32) for i in range(16)]],
+                2: [coders[:1], coders[1:] + [_words(400, 64)]],
+                5: [[support + _words(500 + i, 20) for i in range(3)]]}
+    worst, saved_total, vanilla_total, relayed_steps, gated_steps = 0.0, 0, 0, 0, 0
     print(f"{'step':>4} {'reqs':>4}  groups (level:[start,end) x members)        relay vs torch_native")
     for step in range(steps):
-        if step in arrivals:
-            sched.prefill([sched.new_req(t, max_new_tokens=64) for t in arrivals[step]])
+        for prompts in arrivals.get(step, []):
+            sched.prefill([sched.new_req(t, max_new_tokens=64) for t in prompts])
         if step >= 7 and sched.running:  # requests start finishing
-            for r in sched.running[: 3]:
+            for r in sched.running[: 8]:
                 sched.finish(r)
         if not sched.running:
             break
@@ -85,6 +92,8 @@ def run_cpu_demo(steps: int = 12, seed: int = 0) -> dict:
         print(f"{step:>4} {bs:>4}  {groups or '-':<44} {err:.1e}   {format_stats(stats)}")
         saved_total += stats.kv_bytes_vanilla - stats.kv_bytes_relay
         vanilla_total += stats.kv_bytes_vanilla
+        relayed_steps += plan.num_groups > 0
+        gated_steps += stats.groups_gated > 0
         sched.after_decode(batch)
     for r in sched.running:
         sched.finish(r)
@@ -92,7 +101,8 @@ def run_cpu_demo(steps: int = 12, seed: int = 0) -> dict:
     print(f"\nKV bytes saved over the run: {saved_total / 1e9:.2f} of {vanilla_total / 1e9:.2f} GB "
           f"({100 * saved_total / max(vanilla_total, 1):.0f}%); max rel. difference to torch_native "
           f"{worst:.1e}; pinned tokens after all finished: {leaked}")
-    return dict(max_rel_err=worst, saved_bytes=saved_total, vanilla_bytes=vanilla_total, leaked=leaked)
+    return dict(max_rel_err=worst, saved_bytes=saved_total, vanilla_bytes=vanilla_total, leaked=leaked,
+                relayed_steps=relayed_steps, gated_steps=gated_steps)
 
 
 def main(argv=None) -> int:
