@@ -575,9 +575,9 @@ def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64):
     """SGLang's allocator (sorted, ``prefer_consecutive_slots``) under a ``RelayRadixCache``,
     filled as a serving benchmark leaves it: cohorts of requests whose prompts were prefilled in
     one allocation and whose decode steps took one slot per request per step, every finished
-    request cached in the tree. Returns ``(tree, allocator, cohort)``; ``cohort(r, p, d, live)``
-    runs one more cohort through SGLang's own ``alloc_token_slots`` (which evicts when the pool
-    is full) and caches it, or keeps it allocated (live requests, never evictable)."""
+    request cached in the tree. Returns ``(tree, allocator, cohort)``; ``cohort(r, p, d)`` runs
+    one more cohort through SGLang's own ``alloc_token_slots`` (which evicts when the pool is
+    full) and caches it."""
     from array import array
 
     from sglang.srt.mem_cache.allocation import alloc_token_slots
@@ -600,14 +600,13 @@ def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64):
     assert keep_free_slots_sorted(alloc) and prefer_consecutive_slots(alloc, min_run, make_room=tree.make_room_for_run)
     serial = iter(range(1, 10**9))
 
-    def cohort(r: int, p: int, d: int, live: bool = False):
+    def cohort(r: int, p: int, d: int):
         prompts = alloc_token_slots(tree, r * p).view(r, p)
         steps = [alloc_token_slots(tree, r) for _ in range(d)]  # a decode step: one slot per request
         values = torch.cat([prompts, torch.stack(steps, 1)], 1) if d else prompts
-        if not live:
-            for v in values:
-                key = RadixKey(array("q", [next(serial) for _ in range(v.numel())]))
-                tree.insert(InsertParams(key=key, value=v.to(torch.int64)))
+        for v in values:
+            key = RadixKey(array("q", [next(serial) for _ in range(v.numel())]))
+            tree.insert(InsertParams(key=key, value=v.to(torch.int64)))
         return values
 
     return tree, alloc, cohort

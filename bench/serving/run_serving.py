@@ -915,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slo-ms", type=float, default=None, help="p99 TPOT SLO of rate8k (default per model)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each benchmark-client workload this many times per server (seed 42, 43, ...); "
-                         "summarize.py shows every run and takes the median run's numbers")
+                         "summarize.py pairs relay and vanilla runs by seed and shows the pair with the median ratio")
     ap.add_argument("--rates", type=_rate_list, default=list(DEFAULT_RATES))
     ap.add_argument("--rates-for", action="append", default=[], type=_system_rates, metavar="SYSTEM=R1,R2",
                     help="rates of one system's search (repeatable; others use --rates): vanilla and relay "
