@@ -90,7 +90,8 @@ def after_scheduler_init(result, self, *args, **kwargs):
             min_run = manager.config.consecutive_alloc
             max_running = int(getattr(self, "max_running_requests", 0) or 0)
             if min_run and prefer_consecutive_slots(allocator, max(min_run, max_running + 1),
-                                                    make_room=getattr(self.tree_cache, "make_room_for_run", None)):
+                                                    make_room=getattr(self.tree_cache, "make_room_for_run", None),
+                                                    lookahead=lambda: chunked_prefill_remainder(self)):
                 logger.info("relay-radix: allocations of >= %d KV slots take the free-slot window with the fewest "
                             "breaks (RELAY_RADIX_CONSECUTIVE_ALLOC=0 to turn off)", allocator.relay_consecutive_min)
         else:
@@ -108,6 +109,25 @@ def after_scheduler_init(result, self, *args, **kwargs):
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
+
+
+def chunked_prefill_remainder(scheduler) -> int:
+    """Tokens of the scheduler's chunked request that later prefill chunks will allocate, as seen
+    by the allocation of the current prefill batch (``kv_slots.prefer_consecutive_slots`` sizes
+    its window for them, so a long prompt's chunks land in one run of KV slots).
+
+    SGLang 0.5.16 ``Scheduler._get_new_batch_prefill_raw`` sets ``self.chunked_req`` (the request
+    whose prompt was cut, ``extend_range.end`` where this chunk ends) before
+    ``new_batch.prepare_for_extend()`` allocates the batch's slots (``scheduler.py:3036-3070``),
+    and clears it once the last chunk is admitted; the chunk it cut is the batch's last request
+    (a new one) or its first (a continued one), so the remainder follows this allocation's slots.
+    ``tests/test_backend_cpu.py`` checks that order in SGLang's source."""
+    req = getattr(scheduler, "chunked_req", None)
+    rng = getattr(req, "extend_range", None)
+    fill = getattr(req, "full_untruncated_fill_ids", None)
+    if rng is None or fill is None:
+        return 0
+    return max(0, len(fill) - int(rng.end))
 
 
 def _record_plan_fingerprint(scheduler, plan) -> None:

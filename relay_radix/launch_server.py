@@ -78,9 +78,9 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
   --relay-consecutive-alloc N          RELAY_RADIX_CONSECUTIVE_ALLOC: allocations of >= N KV slots
                                        take the free window with the fewest breaks (default 1024;
                                        0 off)
-  --relay-evict-for-runs N             RELAY_RADIX_EVICT_FOR_RUNS: such an allocation into a full
-                                       pool may evict up to N times its size more of the cache
-                                       (LRU) to find a run (default 4; 0 off)
+  --relay-evict-for-runs N             RELAY_RADIX_EVICT_FOR_RUNS: such an allocation into a
+                                       nearly full pool may evict up to N times its size more of
+                                       the cache (LRU) to find a run (default 4; 0 off)
   --relay-prefix-pool {auto,fa3,off}   RELAY_RADIX_PREFIX_POOL: groups in one run of KV slots on
                                        FlashInfer's FA3 prefill over the pool (default auto: GQA
                                        models on Hopper)

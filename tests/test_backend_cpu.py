@@ -571,7 +571,7 @@ def test_large_allocations_take_the_first_consecutive_run():
     assert int(fewest_breaks_window(f, 16)) == 4
 
 
-def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64):
+def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64, lookahead=None):
     """SGLang's allocator (sorted, ``prefer_consecutive_slots``) under a ``RelayRadixCache``,
     filled as a serving benchmark leaves it: cohorts of requests whose prompts were prefilled in
     one allocation and whose decode steps took one slot per request per step, every finished
@@ -597,7 +597,8 @@ def _full_pool(evict_for_runs: int, size: int = 3584, min_run: int = 64):
                         token_to_kv_pool_allocator=alloc, page_size=1),
         config=RelayConfig(evict_for_runs=evict_for_runs))
     # As relay_radix.patches.scheduler_hooks.after_scheduler_init installs them.
-    assert keep_free_slots_sorted(alloc) and prefer_consecutive_slots(alloc, min_run, make_room=tree.make_room_for_run)
+    assert keep_free_slots_sorted(alloc) and prefer_consecutive_slots(alloc, min_run, make_room=tree.make_room_for_run,
+                                                                      lookahead=lookahead)
     serial = iter(range(1, 10**9))
 
     def cohort(r: int, p: int, d: int):
@@ -641,16 +642,63 @@ def test_a_long_prompt_into_a_full_pool_evicts_an_old_cohort_for_one_run():
     assert off_extra == 0 and off_breaks > 20, got  # 48 here
     assert on_breaks == 0 and 0 < on_extra <= 4 * need, got
 
-    # An eviction no allocation of its size follows (SGLang's retraction and decode-memory checks
-    # reserve that way) triggers nothing: the next large allocation did not evict for itself.
-    from sglang.srt.mem_cache.common import evict_from_tree_cache
-
+    # A pool with room (at least (F + 1) x need free slots) is left alone: its free slots are in
+    # long runs, and evicting would only churn the cache.
     tree, alloc, cohort = _full_pool(4, size)
-    cohort(32, 16, 48)
-    cohort(32, 32, 32)
-    evict_from_tree_cache(tree, 3 * need)  # a reservation: frees 3 * need, allocates nothing
-    prompt = alloc_token_slots(tree, need)
-    assert tree.window_evicted_tokens == 0 and prompt.unique().numel() == need
+    cohort(32, 16, 48)  # A only: 1536 free slots, one run
+    prompt = alloc_token_slots(tree, 256)
+    assert tree.window_evicted_tokens == 0 and _breaks(prompt) == 0
+
+
+def test_a_chunked_long_prompt_is_laid_in_one_run():
+    """A prompt longer than ``--chunked-prefill-size`` is allocated chunk by chunk, into a pool
+    full of cached requests. With the scheduler's remainder (``lookahead``, what
+    ``chunked_prefill_remainder`` reads from SGLang's ``chunked_req``) the first chunk's window
+    is sized for the whole prompt and the second chunk continues it: one run, no seam. Without
+    it, each chunk gets a run of its own and the prompt has a break at the seam, which costs the
+    prefix launch about what hundreds of breaks do. SGLang's real allocator and eviction."""
+    from sglang.srt.mem_cache.allocation import alloc_token_slots
+
+    need, size = 768, 3584
+    got = {}
+    for use_lookahead in (False, True):
+        ahead = [0]
+        tree, alloc, cohort = _full_pool(4, size, lookahead=(lambda: ahead[0]) if use_lookahead else None)
+        cohort(32, 16, 48)  # A: prompts in runs, decode slots interleaved
+        cohort(32, 32, 32)  # B: fills the pool (evicts part of A)
+        assert alloc.available_size() == 0
+        ahead[0] = need  # the scheduler cut the prompt: one more chunk of ``need`` follows
+        first = alloc_token_slots(tree, need)
+        ahead[0] = 0  # the last chunk: nothing follows
+        second = alloc_token_slots(tree, need)
+        assert alloc.available_size() + tree.total_size() + 2 * need == size
+        got[use_lookahead] = (_breaks(first), _breaks(second), _breaks(torch.cat([first, second])),
+                              int(second[0]) - int(first[-1]), tree.window_evicted_tokens)
+    assert got[False][:2] == (0, 0) and got[False][2] >= 1, got  # two runs, a break at the seam
+    assert got[True][:4] == (0, 0, 0, 1), got  # one run: the second chunk starts where the first ended
+    assert 0 < got[True][4] <= 4 * 2 * need, got  # the eviction for a window of the whole prompt
+
+
+def test_chunked_prefill_remainder_reads_sglang_chunked_request():
+    """``chunked_prefill_remainder`` over SGLang's own ``Req``: the tokens after the chunk the
+    scheduler cut (``extend_range.end``), 0 with no chunked request; and SGLang's scheduler still
+    sets ``chunked_req`` before the batch allocates its slots (the order the remainder relies on)."""
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from relay_radix.patches.scheduler_hooks import chunked_prefill_remainder
+
+    sched = MiniScheduler()
+    req = sched.new_req(list(range(3, 3 + 1000)))
+    req.init_next_round_input(sched.tree)
+    req.set_extend_range(0, 384)  # PrefillAdder's cut: the first 384 tokens now
+    assert chunked_prefill_remainder(types.SimpleNamespace(chunked_req=req)) == 1000 - 384
+    req.set_extend_range(384, 1000)  # the last chunk
+    assert chunked_prefill_remainder(types.SimpleNamespace(chunked_req=req)) == 0
+    assert chunked_prefill_remainder(types.SimpleNamespace(chunked_req=None)) == 0
+    src = inspect.getsource(Scheduler._get_new_batch_prefill_raw)
+    assert src.index("self.chunked_req = adder.new_chunked_req") < src.index("new_batch.prepare_for_extend()")
 
 
 def test_window_eviction_stops_when_live_requests_fragment_the_pool():
