@@ -336,7 +336,8 @@ def evict_for_consecutive_window(allocator, evict, need: int, max_extra: int) ->
     fragmentation is in live requests' slots, which eviction cannot free). Returns ``(extra
     tokens evicted, fewest breaks of a window afterwards or -1 if fewer than need free)``.
     Syncs with the device once per round (reads the fewest breaks): only allocations large
-    enough for ``prefer_consecutive_slots`` that found the pool full get here."""
+    enough for ``prefer_consecutive_slots`` into a nearly full pool get here
+    (``RelayRadixCache.make_room_for_run``)."""
     extra, best = 0, None
     while True:
         allocator.merge_and_sort_free()

@@ -68,8 +68,9 @@ class RelayRadixCache(RadixCache):
         """Before an allocation of ``need`` slots (``kv_slots.prefer_consecutive_slots``: a prefill
         chunk of a long prompt) into a pool that is nearly full (fewer than ``(F + 1) x need``
         free slots, ``F`` = ``RELAY_RADIX_EVICT_FOR_RUNS``): evict on, least recently used first,
-        until the free slots hold a window of ``need`` with few breaks
-        (``kv_slots.evict_for_consecutive_window``, at most ``F x need`` more tokens).
+        until the free slots hold a window of ``need`` with no break
+        (``kv_slots.evict_for_consecutive_window``, at most ``F x need`` more tokens). ``need``
+        includes the rest of a chunked prompt (``prefer_consecutive_slots``' lookahead).
 
         Why "nearly full" and not "SGLang just evicted for it" (session 16's rule): a prompt
         longer than ``--chunked-prefill-size`` is allocated chunk by chunk, and only the first
