@@ -10,7 +10,8 @@ Hooks (``sglang.srt.plugins.HookRegistry``):
   * AFTER ``Scheduler.__init__``: the tree exists only now, after the backend was built and
     the decode graphs captured (``scheduler.py:431-466``): link the tree's group manager to the
     backend, install the decode-log filter and the Prometheus metrics.
-  * BEFORE ``Scheduler.run_batch``: build the plan for exactly the batch being launched.
+  * BEFORE ``Scheduler.run_batch``: build the plan for exactly the batch being launched (a
+    prefill batch gets its requests' cached-prefix keys, ``relay_radix.extend_plan``).
     Under the overlap scheduler this is launch time for batch i (its requests' tree state
     includes this iteration's admissions; requests prefilled in batch i-1 are still
     counted under their admission-time ``last_node`` because their ``cache_unfinished_req``
@@ -105,7 +106,8 @@ def after_scheduler_init(result, self, *args, **kwargs):
     logging.getLogger(DECODE_LOG_LOGGER).addFilter(DecodeLogFilter(
         lambda: backend.last_stats, digest_source=lambda: getattr(self, "_relay_plan_digest", None),
         host=backend.host, slot_breaks=backend.slot_runs, unplanned_source=lambda: backend.plans_without_scheduler,
-        pool_source=lambda: backend.pool_groups))
+        pool_source=lambda: backend.pool_groups,
+        extend_source=lambda: backend.extend_stats if backend.extend_pool is not None else None))
     self._relay_prometheus = make_prometheus(getattr(self, "tp_rank", 0))
     logger.info("relay-radix: attached to %s (%s)", type(self.tree_cache).__name__, manager.config)
     return None
@@ -161,6 +163,7 @@ def before_run_batch(self, batch, *args, **kwargs):
         plan = build_decode_plan(backend.manager, batch.reqs, pool, batch.seq_lens_cpu)
         _record_plan_fingerprint(self, plan)
         backend.set_next_plan(plan)
+        backend.set_next_extend(None)
         backend.last_stats = stats = PlanStats.of(plan, backend.dims, backend.num_layers,
                                                   groups_over_cap=backend.manager.groups_over_cap,
                                                   groups_gated=backend.manager.groups_gated)
@@ -169,9 +172,18 @@ def before_run_batch(self, batch, *args, **kwargs):
         if prom is not None:
             prom.observe(stats, backend.host, backend.slot_runs.poll(), backend.plans_without_scheduler,
                          pool_groups=backend.pool_groups,
-                         window_evicted_tokens=getattr(getattr(self, "tree_cache", None), "window_evicted_tokens", None))
+                         window_evicted_tokens=getattr(getattr(self, "tree_cache", None), "window_evicted_tokens", None),
+                         extend=backend.extend_stats if backend.extend_pool is not None else None)
     else:
         backend.set_next_plan(None)
+        if batch is not None and backend.extend_pool is not None and batch.forward_mode.name == "EXTEND":
+            # A prefill batch: name each request's cached prefix for the extend pool pass
+            # (relay_radix.extend_plan; mixed batches keep SGLang's path).
+            from relay_radix.extend_plan import extend_prefix_keys
+
+            backend.set_next_extend(extend_prefix_keys(batch.reqs, self.tree_cache.root_node))
+        else:
+            backend.set_next_extend(None)
     return None
 
 

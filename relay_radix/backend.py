@@ -32,6 +32,8 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from relay_radix.config import RelayConfig
+from relay_radix.extend_plan import ExtendStats
+from relay_radix.kernels.extend_pool import MIN_PREFIX_PAIRS, plan_extend_pool
 from relay_radix.gate import AttentionDims
 from relay_radix.kv_slots import PrefixSlotRuns, gather_ranges
 from relay_radix.plan import DecodeRelayPlan, PlanStats, empty_plan
@@ -94,6 +96,19 @@ class RelayAttnBackend(AttentionBackend):
         self.plain_graphs = False
         self.step_is_plain = False
         self.host = HostTime()  # relay's host time per decode step (scheduler hook + metadata), reuse count
+        # Prefill batches over cached one-run prefixes: FA3 over the pool in the place of the base
+        # backend's paged prefix wrapper (RELAY_RADIX_EXTEND_POOL; relay_radix.kernels.extend_pool).
+        self.extend_pool = None
+        self.extend_stats = ExtendStats()
+        self._next_extend: list | None = None  # the scheduler's prefix keys for the next prefill batch
+        self.extend_min_pairs = MIN_PREFIX_PAIRS  # fewest (new, cached) token pairs of a planned batch
+        if self.device.type == "cuda" and self._extend_pool_choice() == "fa3":
+            from relay_radix.kernels.extend_pool import ExtendPoolPass
+
+            self.extend_pool = ExtendPoolPass(self.dims.num_q_heads, self.dims.num_kv_heads, self.dims.head_dim,
+                                              kv_dtype, self.device)
+            logger.info("relay-radix: extend pool pass on (prefill over cached prompts in runs of KV slots: "
+                        "FlashInfer FA3 over the pool; RELAY_RADIX_EXTEND_POOL=off to turn off)")
 
     # ---- wiring ----------------------------------------------------------------------------
     def attach(self, manager: "RelayGroupManager") -> None:
@@ -104,6 +119,11 @@ class RelayAttnBackend(AttentionBackend):
 
     def set_next_plan(self, plan: DecodeRelayPlan | None) -> None:
         self._next_plan = plan
+
+    def set_next_extend(self, keys: list | None) -> None:
+        """The cached-prefix keys of the prefill batch about to launch
+        (``relay_radix.extend_plan.extend_prefix_keys``; None: leave it to SGLang's path)."""
+        self._next_extend = keys
 
     # ---- kernels ---------------------------------------------------------------------------
     def _make_kernel(self, max_bs: int, *, graph: bool = False, shared=None):
@@ -153,6 +173,29 @@ class RelayAttnBackend(AttentionBackend):
         if choice == "auto" and self.dims.num_q_heads == self.dims.num_kv_heads:
             logger.info("relay-radix: pool prefix pass off (auto: a model without grouped-query attention)")
             return None
+        why = self._fa3_pool_blockers()
+        if self.suffix is None:
+            why.append("FlashInfer suffixes (RELAY_RADIX_SUFFIX=flashinfer)")
+        return self._fa3_choice("RELAY_RADIX_PREFIX_POOL", choice, why, "pool prefix pass",
+                                "auto (Triton prefix launch where it cannot run) or off")
+
+    def _extend_pool_choice(self) -> str | None:
+        """``"fa3"`` when prefill batches over cached one-run prefixes take the pool pass
+        (``RELAY_RADIX_EXTEND_POOL``; ``relay_radix.kernels.extend_pool``), else ``None``. Needs
+        what the decode pool pass needs, and SGLang's FlashInfer backend for extend: the pass
+        takes the place of that backend's paged prefix wrapper."""
+        choice = self.config.extend_pool
+        if choice == "off":
+            return None
+        why = self._fa3_pool_blockers()
+        if type(self.base).__name__ != "FlashInferAttnBackend":
+            why.append(f"SGLang's FlashInfer backend for prefill (the base is {type(self.base).__name__}; "
+                       "RELAY_RADIX_BASE_BACKEND=flashinfer)")
+        return self._fa3_choice("RELAY_RADIX_EXTEND_POOL", choice, why, "extend pool pass",
+                                "auto (SGLang's prefill where it cannot run) or off")
+
+    def _fa3_pool_blockers(self) -> list[str]:
+        """What FlashInfer's FA3 prefill over the pool needs and this GPU/model lacks."""
         why = []
         if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device)[0] != 9:
             why.append("a Hopper GPU (compute capability 9.x)")
@@ -162,14 +205,16 @@ class RelayAttnBackend(AttentionBackend):
             why.append(f"head_dim 64, 128 or 256 (this model has {self.dims.head_dim})")
         if self._model_logit_cap > 0:
             why.append("a model without attention logit soft-capping")
-        if self.suffix is None:
-            why.append("FlashInfer suffixes (RELAY_RADIX_SUFFIX=flashinfer)")
+        return why
+
+    @staticmethod
+    def _fa3_choice(var: str, choice: str, why: list[str], what: str, instead: str) -> str | None:
+        """``"fa3"`` when nothing blocks it; ``fa3`` asked for and blocked: refuse to start."""
         if not why:
             return "fa3"
         if choice == "fa3":
-            raise ValueError("RELAY_RADIX_PREFIX_POOL=fa3 needs " + ", ".join(why)
-                             + "; set RELAY_RADIX_PREFIX_POOL=auto (Triton prefix launch where it cannot run) or off")
-        logger.info("relay-radix: pool prefix pass off (it needs %s)", ", ".join(why))
+            raise ValueError(f"{var}=fa3 needs " + ", ".join(why) + f"; set {var}={instead}")
+        logger.info("relay-radix: %s off (it needs %s)", what, ", ".join(why))
         return None
 
     def _kernel_for(self, bs: int, *, graph: bool, in_capture: bool):
@@ -218,6 +263,58 @@ class RelayAttnBackend(AttentionBackend):
             self._plan_decode(forward_batch, in_capture=False, graph=False)
         else:
             self.base.init_forward_metadata(forward_batch)
+            self._plan_extend(forward_batch)
+
+    # ---- prefill over cached prompts (relay_radix.kernels.extend_pool) ------------------------
+    def _plan_extend(self, fb) -> None:
+        """Put the pool pass in the place of the base backend's paged prefix wrapper for this
+        prefill batch when it can take every cached prefix; otherwise SGLang's path runs as is."""
+        keys, self._next_extend = self._next_extend, None
+        if self.extend_pool is None or keys is None or not any(fb.extend_prefix_lens_cpu or ()):
+            return
+        md = getattr(self.base, "forward_metadata", None)
+        # SGLang's FlashInfer extend: the ragged path (new tokens, causal) merged with the paged
+        # wrapper over the cached prefixes (causal=False) is the one whose paged part this
+        # replaces; its other paths (paged only: piecewise CUDA graphs, deterministic mode,
+        # multimodal) keep SGLang's wrappers.
+        if not getattr(md, "use_ragged", False) or getattr(md, "extend_no_prefix", True):
+            self.extend_stats.add(False, "SGLang's paged-only prefill path")
+            return
+        pp, why = self.plan_extend(fb, keys)
+        self.extend_stats.add(pp is not None, why, 0 if pp is None else pp.rows)
+        if pp is None:
+            return
+        self.extend_pool.plan(pp)
+        md.prefill_wrappers = [self.extend_pool] * len(md.prefill_wrappers)
+
+    def plan_extend(self, fb, keys: list):
+        """``(ExtendPoolPlan | None, why)`` for a prefill batch (host; no sync). Prefixes whose
+        run is not known yet are learned on the device for the next batch with the same prompt
+        (``relay_radix.extend_plan``)."""
+        plens, elens = list(fb.extend_prefix_lens_cpu), list(fb.extend_seq_lens_cpu)
+        if len(keys) != len(plens) or any(k is not None and k[2] != p for k, p in zip(keys, plens)):
+            # SGLang's path is exact for any batch, so this costs speed, not correctness: say so.
+            logger.error("relay-radix: the prefill batch's prefix keys do not match the batch being run "
+                         "(%d keys, %d requests); it keeps SGLang's path (a bug: please report it)",
+                         len(keys), len(plens))
+            return None, "keys for another batch (a bug)"
+        known = self.slot_runs.lookup([k for k in keys if k is not None])
+        firsts, learn = [], {}
+        it = iter(known)
+        for i, (k, p) in enumerate(zip(keys, plens)):
+            f = next(it) if k is not None else -1
+            if f is None:
+                learn.setdefault(k, i)
+                f = -1
+            firsts.append(f if p > 0 else -1)
+        if learn:
+            rows = list(learn.values())
+            lens = torch.tensor([plens[i] for i in rows], dtype=torch.int64)
+            idx = gather_ranges(self.req_to_token, fb.req_pool_indices[torch.tensor(rows)],
+                                torch.zeros(len(rows), dtype=torch.int64), lens)
+            self.slot_runs.count(idx, lens, list(learn), breaks=False)
+            return None, "a prompt seen for the first time (its slot runs are learned for the next batch)"
+        return plan_extend_pool(firsts, plens, elens, min_pairs=self.extend_min_pairs)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         if self.device.type == "cuda":

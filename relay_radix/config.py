@@ -26,6 +26,7 @@ plugin would need SGLang's argparse to know them). ``relay_radix.launch_server``
 | ``RELAY_RADIX_EVICT_FOR_RUNS`` | 4 | such an allocation into a nearly full pool (fewer than (N + 1) x its size free slots) may evict up to N times its size more of the radix cache (least recently used first, in rounds, stopping when a round does not help) until the free slots hold a window with no break (one break inside a prefix segment slows the prefix launch about as much as hundreds): on a long-running server SGLang's minimal eviction frees scattered slots, and a new long prompt then misses TMA and the pool pass; a prompt cut into prefill chunks gets one window for all of it (``patches.scheduler_hooks.chunked_prefill_remainder``) (``relay_radix.kv_slots.evict_for_consecutive_window`` through ``RelayRadixCache.make_room_for_run``; only allocations, never a retraction's or decode-memory reservation; a log line at most every 30 s says how much); 0 turns it off |
 | ``RELAY_RADIX_PREFIX_POOL`` | auto | groups whose shared segment is one run of consecutive KV slots, with at least ``RELAY_RADIX_PREFIX_POOL_MIN_ROWS`` stacked rows, are attended by FlashInfer's FA3 prefill reading the KV pool in place (``relay_radix.kernels.pool_prefix``), the others by the Triton prefix launch: ``auto`` (GQA models where the GPU and model allow it: Hopper, bf16/fp16 KV, head_dim 64/128/256, no logit cap; session 15, H100, GQA-4 TPOT 8K 11.23 -> 10.81 ms, 16K 13.17 -> 12.10 ms), ``fa3`` (any model; refuse to start where it cannot run) or ``off`` |
 | ``RELAY_RADIX_PREFIX_POOL_MIN_ROWS`` | 512 | fewest stacked query rows (members x query heads per KV head) of a group the pool pass takes; smaller groups were slower there (GQA-4 with 8-64 members 0.60-0.84x the Triton launch's speed) |
+| ``RELAY_RADIX_EXTEND_POOL`` | auto | prefill batches whose requests' cached prefixes are runs of consecutive KV slots (a burst behind a long prompt) attend those prefixes with FlashInfer's FA3 prefill reading the pool in place, each run's requests stacked into one request, instead of SGLang's per-request paged FA2 prefill (``relay_radix.kernels.extend_pool``; H100, per layer, 32 x 128 tokens over a 16K prompt: 1.67 against 3.08 ms, MHA and GQA-4): ``auto`` (where the GPU and model allow it: Hopper, bf16/fp16 KV, head_dim 64/128/256, no logit cap, the FlashInfer base backend), ``fa3`` (refuse to start where it cannot run) or ``off``; batches with nested or unknown prefixes keep SGLang's path |
 | ``RELAY_RADIX_PREFIX_STREAM`` | 1 | the prefix pass (tensor-core bound) runs on a side stream, concurrent with the suffix decode (bandwidth bound), joined before the merge (FlashInfer suffixes only); 0 runs them one after the other |
 """
 
@@ -73,6 +74,7 @@ class RelayConfig:
     prefix_programs: str = "auto"  # programs per SM of the prefix grid, "G" or "G/S" (short steps: S)
     prefix_pool: str = "auto"  # one-run segments on FlashInfer's FA3 over the pool: auto, fa3 or off
     prefix_pool_min_rows: int = 512  # fewest members x GQA heads of a group the pool pass takes
+    extend_pool: str = "auto"  # prefill over cached one-run prefixes on FlashInfer's FA3 over the pool
 
     def __post_init__(self):
         if self.min_group_size < 2:
@@ -105,6 +107,9 @@ class RelayConfig:
         if self.prefix_pool not in PREFIX_POOL_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_PREFIX_POOL={self.prefix_pool!r}: choose one of {', '.join(PREFIX_POOL_CHOICES)}")
+        if self.extend_pool not in PREFIX_POOL_CHOICES:
+            raise ValueError(
+                f"RELAY_RADIX_EXTEND_POOL={self.extend_pool!r}: choose one of {', '.join(PREFIX_POOL_CHOICES)}")
         if self.kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"RELAY_RADIX_KERNEL={self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}"
@@ -166,4 +171,5 @@ class RelayConfig:
             prefix_programs=os.environ.get("RELAY_RADIX_PREFIX_PROGRAMS") or "auto",
             prefix_pool=(os.environ.get("RELAY_RADIX_PREFIX_POOL") or "auto").lower(),
             prefix_pool_min_rows=_env_int("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", 512),
+            extend_pool=(os.environ.get("RELAY_RADIX_EXTEND_POOL") or "auto").lower(),
         )

@@ -115,9 +115,11 @@ class MiniScheduler:
         """Decoding requests in batch order."""
         return list(self.running_batch.reqs) if self.running_batch is not None else []
 
-    def prefill(self, reqs) -> None:
+    def prefill(self, reqs, on_batch=None) -> None:
         """Admit ``reqs`` (PrefillAdder), run their prefill batch, merge it into the running
-        batch, and cache them in the tree (now, or after the next decode in overlap mode)."""
+        batch, and cache them in the tree (now, or after the next decode in overlap mode).
+        ``on_batch(batch)``: called where the scheduler launches the prefill batch (after
+        ``prepare_for_extend`` and the forward's K/V store, before result processing)."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -130,6 +132,8 @@ class MiniScheduler:
             self.overlap, SpeculativeAlgorithm.NONE)
         batch.prepare_for_extend()
         self._fill_kv(batch.out_cache_loc)
+        if on_batch is not None:
+            on_batch(batch)
         for r in reqs:
             # The prefill samples the first output token; its KV is written by the next decode.
             r.output_ids.append(int(torch.randint(3, 999, (1,), generator=self._gen)))

@@ -121,7 +121,9 @@ class PrefixSlotRuns:
         finished count (``None`` before the first);
       * the *run table*: for a group's segment that is one run, its first slot, which the pool
         prefix pass (:mod:`relay_radix.kernels.pool_prefix`) needs on the host to plan
-        FlashInfer's absolute ``kv_indptr`` (:meth:`run_starts`).
+        FlashInfer's absolute ``kv_indptr`` (:meth:`run_starts`); the extend pool pass reads it
+        for prefill batches' cached prefixes, keyed ``(last node id, 0, prefix length)``
+        (:mod:`relay_radix.extend_plan`), learned with ``count(..., breaks=False)``.
 
     Both are computed on the device when a new prefix slot list is gathered and copied back
     asynchronously (pinned memory, an event per copy); :meth:`poll` takes the copies that have
@@ -144,32 +146,37 @@ class PrefixSlotRuns:
         self.last: int | None = None
         self.table: dict[tuple, int] = {}  # (head id, start, end) -> first slot, or -1: not one run
         self.disabled = False
-        self._pending: list = []  # (event | None, host int64 [1 + G], keys)
+        self._pending: list = []  # (event, host int64 [1 + G], keys, breaks)
 
-    def count(self, prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor, keys: list | None = None) -> None:
+    def count(self, prefix_idx: torch.Tensor, prefix_lens_cpu: torch.Tensor, keys: list | None = None,
+              breaks: bool = True) -> None:
         """Start counting ``prefix_idx`` (``[sum(prefix_lens_cpu)]`` int32, groups concatenated);
-        ``keys``: the groups' run-table keys (``None``: the break count only)."""
+        ``keys``: the groups' run-table keys (``None``: the break count only); ``breaks=False``:
+        learn the runs only (a prefill batch's cached prefixes, not a decode step's prefix plan,
+        whose breaks the log reports)."""
         self.poll()
         lens = prefix_lens_cpu.to(torch.int64).reshape(-1)
         n, ng = int(prefix_idx.numel()), int(lens.numel())
         if n == 0 or ng == 0:
-            self.last = 0
+            if breaks:
+                self.last = 0
             return
         on_cuda = prefix_idx.device.type == "cuda"
         if on_cuda and len(self._pending) >= self.MAX_PENDING:
             return
         out = segment_runs(prefix_idx, lens)
         if not on_cuda:
-            self._take(out, keys)
+            self._take(out, keys, breaks)
             return
         host = torch.empty(1 + ng, dtype=torch.int64, pin_memory=True)
         host.copy_(out, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        self._pending.append((ev, host, keys))
+        self._pending.append((ev, host, keys, breaks))
 
-    def _take(self, host: torch.Tensor, keys: list | None) -> None:
-        self.last = int(host[0])
+    def _take(self, host: torch.Tensor, keys: list | None, breaks: bool = True) -> None:
+        if breaks:
+            self.last = int(host[0])
         if keys is None or self.disabled:
             return
         if len(self.table) > self.MAX_TABLE:
@@ -189,17 +196,21 @@ class PrefixSlotRuns:
     def poll(self) -> int | None:
         """Take the finished copies (never waits); returns the newest break count."""
         while self._pending and self._pending[0][0].query():
-            _, host, keys = self._pending.pop(0)
-            self._take(host, keys)
+            _, host, keys, breaks = self._pending.pop(0)
+            self._take(host, keys, breaks)
         return self.last
 
     def run_starts(self, keys: list) -> torch.Tensor:
         """``[len(keys)]`` int64 (host): each group's first slot when its segment is known to be
         one run, else -1 (not a run, or not learned yet)."""
+        return torch.tensor([-1 if f is None else f for f in self.lookup(keys)], dtype=torch.int64)
+
+    def lookup(self, keys: list) -> list:
+        """Per key: the first slot (one run), -1 (not one run) or None (not learned yet)."""
         self.poll()
         if self.disabled:
-            return torch.full((len(keys),), -1, dtype=torch.int64)
-        return torch.tensor([self.table.get(k, -1) for k in keys], dtype=torch.int64)
+            return [-1] * len(keys)
+        return [self.table.get(k) for k in keys]
 
 
 def keep_free_slots_sorted(allocator) -> bool:
@@ -246,13 +257,19 @@ def fewest_breaks_window(free_sorted: torch.Tensor, need: int, continue_at: torc
 
     ``continue_at`` (0-d int64 on the same device, or None): a slot that an earlier allocation
     ended just before (the previous chunk of a chunked prompt). The window starting at that
-    slot, if it is free, counts its seam with the earlier allocation as no break and every other
-    window one more, so a chunked prompt stays in one run wherever the free list allows."""
+    slot, if it is free, wins among the windows with the fewest breaks, so a chunked prompt stays
+    in one run wherever the free list allows. Only among those: the allocator cannot tell the
+    next chunk of that prompt from a new prompt that comes after the last chunk went through
+    SGLang's path (a chunk below ``RELAY_RADIX_CONSECUTIVE_ALLOC``), and a new prompt must not
+    take a break to sit behind an old one (session 18, H100: a GQA-4 8K prompt after the
+    exactness run got 1 break that way, and with it lost the pool prefix pass and the extend
+    pool pass). For the real next chunk nothing is lost: any other window leaves a break at the
+    seam, as many as the continuation would have."""
     breaks = window_breaks(free_sorted, need)
     if continue_at is None:
         return torch.argmin(breaks)
     c = torch.searchsorted(free_sorted, continue_at.reshape(1)).clamp(max=breaks.numel() - 1)  # [1]
-    score = breaks.to(torch.int64) + 1
+    score = breaks.to(torch.int64) * 2 + 1  # fewest breaks first; the continuation wins ties
     return torch.argmin(score.scatter_add(0, c, -(free_sorted[c] == continue_at).to(torch.int64)))
 
 

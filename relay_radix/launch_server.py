@@ -38,6 +38,7 @@ RELAY_FLAGS = {
     "--relay-evict-for-runs": ("RELAY_RADIX_EVICT_FOR_RUNS", None),
     "--relay-prefix-pool": ("RELAY_RADIX_PREFIX_POOL", ("auto", "fa3", "off")),
     "--relay-prefix-pool-min-rows": ("RELAY_RADIX_PREFIX_POOL_MIN_ROWS", None),
+    "--relay-extend-pool": ("RELAY_RADIX_EXTEND_POOL", ("auto", "fa3", "off")),
 }
 _INT_FLAGS = ("--relay-min-group-size", "--relay-min-prefix-tokens", "--relay-max-groups", "--relay-consecutive-alloc",
               "--relay-evict-for-runs", "--relay-prefix-pool-min-rows")
@@ -86,6 +87,9 @@ Relay flags (removed before SGLang parses the rest; passed on as environment var
                                        models on Hopper)
   --relay-prefix-pool-min-rows N       RELAY_RADIX_PREFIX_POOL_MIN_ROWS: fewest members x GQA
                                        heads of a group it takes (default 512)
+  --relay-extend-pool {auto,fa3,off}   RELAY_RADIX_EXTEND_POOL: prefill batches over cached prompts
+                                       in runs of KV slots attend them on FlashInfer's FA3 over
+                                       the pool, requests stacked (default auto: Hopper)
 
 Front end: with bursts of long text prompts, add SGLang's --enable-dynamic-batch-tokenizer
 (the launcher reminds you at start when neither it nor --tokenizer-worker-num > 1 is given).

@@ -9,7 +9,10 @@
   S: breaks in the consecutive-slot runs of the newest prefix plan (0: every prefix chunk can be
   read by TMA; ``relay_radix.kv_slots.PrefixSlotRuns``). With the pool prefix pass on
   (``RELAY_RADIX_PREFIX_POOL``), ``pool pass P groups``: groups of the last relay step attended by
-  FlashInfer's FA3 over the pool (the others took the Triton launch). Two figures appear only when not
+  FlashInfer's FA3 over the pool (the others took the Triton launch). With the extend pool pass on
+  (``RELAY_RADIX_EXTEND_POOL``), ``extend pool P/N prefill batches (n why, ...)``: of the prefill
+  batches so far with a cached prefix, those whose prefixes FA3 attended over the pool, and why
+  the others kept SGLang's path (``relay_radix.extend_plan.ExtendStats``). Two figures appear only when not
   zero, because each means relay is partly off: ``groups G (+N over RELAY_RADIX_MAX_GROUPS)``
   (qualifying groups left out), ``groups G (+N gated: faster unshared)`` (groups the gate left
   out because relaying them would not save time, ``relay_radix.gate``) and ``decode steps without a relay plan N`` (steps that reached
@@ -65,7 +68,7 @@ class DecodeLogFilter(logging.Filter):
     SGLang's ``Decode batch`` log line."""
 
     def __init__(self, stats_source, digest_source=None, host=None, slot_breaks=None, unplanned_source=None,
-                 pool_source=None):
+                 pool_source=None, extend_source=None):
         super().__init__()
         self.stats_source = stats_source  # callable -> PlanStats | None
         self.digest_source = digest_source  # callable -> bytes | None
@@ -73,6 +76,7 @@ class DecodeLogFilter(logging.Filter):
         self.slot_breaks = slot_breaks  # PrefixSlotRuns | None
         self.unplanned_source = unplanned_source  # callable -> decode steps run without a plan so far
         self.pool_source = pool_source  # callable -> groups on the pool prefix pass (None: pass off)
+        self.extend_source = extend_source  # callable -> ExtendStats (None: extend pool pass off)
         self._host_mark = [0.0, 0.0, 0, 0, 0]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -85,6 +89,8 @@ class DecodeLogFilter(logging.Filter):
                 extra = f"{extra}, prefix slot breaks {'-' if b is None else b}"
             if self.pool_source is not None and (p := self.pool_source()) is not None:
                 extra = f"{extra}, pool pass {p} groups"
+            if self.extend_source is not None and (e := self.extend_source()) is not None:
+                extra = f"{extra}, {e.summary()}"
             if self.unplanned_source is not None and (n := self.unplanned_source()):
                 extra = f"{extra}, decode steps without a relay plan {n}"
             if self.digest_source is not None:
@@ -140,17 +146,28 @@ class RelayPrometheus:
                                     labelnames=names)
         self.plain_steps = Counter("sglang:relay_plain_decode_steps", "Decode steps with no relay group, run "
                                    "plainly (vanilla's decode kernel, no relay launch)", labelnames=names)
+        self.extend_prefix_batches = Counter("sglang:relay_extend_prefix_batches", "Prefill batches with a cached "
+                                             "prefix (extend pool pass on)", labelnames=names)
+        self.extend_pool_batches = Counter("sglang:relay_extend_pool_batches", "Prefill batches whose cached "
+                                           "prefixes FlashInfer's FA3 attended over the pool (RELAY_RADIX_EXTEND_POOL)",
+                                           labelnames=names)
         self._host_mark = [0.0, 0.0, 0, 0, 0]
+        self._extend_mark = [0, 0]
 
     def observe(self, s: PlanStats, host=None, slot_breaks: int | None = None, steps_without_plan: int = 0,
-                pool_groups: int | None = None, window_evicted_tokens: int | None = None) -> None:
+                pool_groups: int | None = None, window_evicted_tokens: int | None = None, extend=None) -> None:
         """One decode step's plan figures; ``host`` (a ``HostTime``): add its change since the last
         call; ``slot_breaks``: the newest ``PrefixSlotRuns`` count (None: none finished yet);
         ``steps_without_plan``: the backend's running count of unplanned decode steps;
         ``pool_groups``: groups of the last relay step on the pool prefix pass (None: pass off);
         ``window_evicted_tokens``: the tree's running total of extra evictions for consecutive
-        windows (``RelayRadixCache.make_room_for_run``; None: not a relay tree)."""
+        windows (``RelayRadixCache.make_room_for_run``; None: not a relay tree); ``extend``: the
+        backend's ``ExtendStats`` (None: extend pool pass off), counters add its change."""
         lb = self.labels
+        if extend is not None:
+            self.extend_prefix_batches.labels(**lb).inc(extend.prefix_batches - self._extend_mark[0])
+            self.extend_pool_batches.labels(**lb).inc(extend.pool_batches - self._extend_mark[1])
+            self._extend_mark[:] = [extend.prefix_batches, extend.pool_batches]
         if window_evicted_tokens is not None:
             self.window_evicted_tokens.labels(**lb).set(window_evicted_tokens)
         self.groups_over_cap.labels(**lb).set(s.groups_over_cap)

@@ -679,6 +679,22 @@ def test_a_chunked_long_prompt_is_laid_in_one_run():
     assert 0 < got[True][4] <= 4 * 2 * need, got  # the eviction for a window of the whole prompt
 
 
+def test_a_new_prompt_never_takes_a_break_to_continue_an_old_chunk():
+    """``continue_at`` left by a chunked prompt whose last chunk went through SGLang's path (too
+    small for the window search) must not pull the next, unrelated prompt into a window with a
+    break: the continuation wins only among the windows with the fewest breaks (session 18: a
+    GQA-4 8K prompt got 1 break that way after the exactness run)."""
+    from relay_radix.kv_slots import fewest_breaks_window
+
+    # Free slots: 10..13 (a hole, then) 20..29 (one run) 40..49 (one run).
+    free = torch.cat([torch.arange(10, 14), torch.arange(20, 30), torch.arange(40, 50)])
+    stale = torch.tensor(12)  # an old chunk ended at slot 11: the window from 12 has a break
+    assert int(fewest_breaks_window(free, 5, stale)) == 4  # slots 20..24, no break
+    # The real next chunk: its continuation has no break and wins over an earlier run.
+    assert int(fewest_breaks_window(free, 5, torch.tensor(40))) == 14
+    assert int(fewest_breaks_window(free, 5)) == 4  # without a continuation: the first run
+
+
 def test_chunked_prefill_remainder_reads_sglang_chunked_request():
     """``chunked_prefill_remainder`` over SGLang's own ``Req``: the tokens after the chunk the
     scheduler cut (``extend_range.end``), 0 with no chunked request; and SGLang's scheduler still

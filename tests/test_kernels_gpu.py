@@ -209,3 +209,63 @@ def test_decode_metadata_never_syncs_the_host():
     torch.cuda.synchronize()
     assert counter.poll() is not None
     assert counter.run_starts(keys).tolist() == [-1, -1]  # random slots: no run
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8)])
+def test_extend_pool_matches_sglang_paged_prefix(dtype, hq, hkv):
+    """The extend pool pass (FA3 over the pool, runs' requests stacked, in a non-batch order, with a
+    gap and a request with no cached prefix) against what it replaces in SGLang's FlashInfer extend:
+    the paged FA2 prefill over each request's cached prefix, and both against float64."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FA3 needs a Hopper GPU")
+    import math
+
+    import flashinfer
+
+    from relay_radix.kernels.extend_pool import ExtendPoolPass, plan_extend_pool
+    from relay_radix.reference import attention_state
+
+    dev, d = "cuda", 128
+    g = torch.Generator(device=dev).manual_seed(hq + hkv)
+    slots = 12000
+    k = torch.randn(slots, hkv, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(slots, hkv, d, device=dev, dtype=dtype, generator=g)
+    # Requests: prompt B at slot 7001 (P=2500), none, prompt A at 1003 (P=4000), B, A, A.
+    first = [7001, -1, 1003, 7001, 1003, 1003]
+    plen = [2500, 0, 4000, 2500, 4000, 4000]
+    elen = [37, 64, 128, 5, 200, 1]
+    pp, why = plan_extend_pool(first, plen, elen, min_pairs=1)
+    assert why == "planned" and pp.groups == 2 and not pp.in_batch_order
+    n = sum(elen)
+    q = torch.randn(n, hq, d, device=dev, dtype=dtype, generator=g)
+    scale = d ** -0.5
+    p = ExtendPoolPass(hq, hkv, d, dtype, dev)
+    p.plan(pp)
+    o, lse2 = p.forward_return_lse(q, (k, v), causal=False, sm_scale=scale)
+    # SGLang's paged prefill over the same prefixes (page size 1), FA2 as in 0.5.16.
+    i32 = dict(dtype=torch.int32, device=dev)
+    qo_indptr = torch.tensor([0] + list(torch.tensor(elen).cumsum(0)), **i32)
+    kv_indptr = torch.tensor([0] + list(torch.tensor(plen).cumsum(0)), **i32)
+    kv_indices = torch.cat([torch.arange(f, f + pl, **i32) for f, pl in zip(first, plen) if pl])
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(128 << 20, dtype=torch.uint8, device=dev),
+                                                       "NHD", backend="fa2")
+    w.plan(qo_indptr, kv_indptr, kv_indices, torch.ones(len(elen), **i32), hq, hkv, d, 1, causal=False,
+           sm_scale=scale, q_data_type=dtype, kv_data_type=dtype)
+    o_ref, lse_ref = w.run(q, (k.unsqueeze(1), v.unsqueeze(1)), return_lse=True)
+    empty = slice(37, 101)  # the request with no cached prefix
+    assert torch.all(o[empty] == 0) and torch.all(torch.isneginf(lse2[empty]))
+    keep = torch.ones(n, dtype=torch.bool, device=dev)
+    keep[empty] = False
+    assert (o[keep].float() - o_ref[keep].float()).abs().max().item() < 2e-2
+    assert (lse2[keep] - lse_ref[keep]).abs().max().item() < 1e-2
+    t = 0
+    for f, pl, ne in zip(first, plen, elen):  # float64 on a few tokens of each request
+        if pl:
+            rows = [t, t + ne - 1]
+            kk = k[f:f + pl].double().unsqueeze(0).expand(len(rows), -1, -1, -1)
+            vv = v[f:f + pl].double().unsqueeze(0).expand(len(rows), -1, -1, -1)
+            ro, rl = attention_state(q[rows].double(), kk, vv, None, scale)
+            assert (o[rows].double() - ro).abs().max().item() < 2e-2
+            assert (lse2[rows].double() * math.log(2) - rl).abs().max().item() < 1e-2
+        t += ne

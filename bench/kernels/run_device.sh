@@ -10,6 +10,8 @@
 #             PROBE_ARGS=--no-flashinfer for the Triton launches only),
 #      GATE (set: the relay gate against measured time, bench/kernels/gate_sweep.py, before the bench;
 #            GATE_BUDGET s, default 240),
+#      EXTEND (set: extend-attention probe over a shared cached prefix, bench/kernels/extend_probe.py;
+#              EXTEND_ARGS for its arguments),
 #      SKIP_BENCH (set: no bench/kernels/run.py, only the probes and the tests),
 #      RUN_ARGS (more bench/kernels/run.py arguments, e.g. "--configs 'P=8192' --kernels fi_decode,relay_hybrid").
 # With .device/jit-cache.tar.xz (bench/serving/run_serving.py --save-jit-cache) the FlashInfer
@@ -44,6 +46,10 @@ fi
 if [ -n "${PROBE:-}" ]; then
   python3 bench/kernels/prefix_probe.py --out "$OUT" ${PROBE_ARGS:-} > "$OUT/probe.log" 2>&1
   echo "probe rc=$? at $(( $(date +%s) - T0 ))s"
+fi
+if [ -n "${EXTEND:-}" ]; then
+  python3 bench/kernels/extend_probe.py --out "$OUT" ${EXTEND_ARGS:-} > "$OUT/extend.log" 2>&1
+  echo "extend probe rc=$? at $(( $(date +%s) - T0 ))s"
 fi
 if [ -n "${GATE:-}" ]; then
   python3 bench/kernels/gate_sweep.py --out "$OUT" --budget-s "${GATE_BUDGET:-240}" > "$OUT/gate.log" 2>&1

@@ -51,10 +51,20 @@ def _generate(port: int, ids: list[int], max_new: int, top_k: int) -> dict:
 
 
 def collect(port: int, n: int, system_len: int, fewshot_len: int, question_len: int, vocab: int,
-            max_new: int, top_k: int, blocks: int = 2) -> list[dict]:
+            max_new: int, top_k: int, blocks: int = 2, waves: list[int] | None = None) -> list[dict]:
+    """``waves``: sizes of request waves sent one after another, each all at once (default: one
+    wave of ``n``). Why: a prompt first reaches the server in the wave that prefills it, and a
+    prefill batch over a cached prompt takes relay's extend pool pass only from the second batch
+    that prompt is seen in (``relay_radix.extend_plan``), so a later wave is what tests it."""
     prompts = make_prompts(n, system_len, fewshot_len, question_len, vocab, blocks=blocks)
-    with cf.ThreadPoolExecutor(max_workers=n) as ex:
-        return list(ex.map(lambda p: _generate(port, p, max_new, top_k), prompts))
+    waves = waves or [n]
+    assert sum(waves) == n, (waves, n)
+    out, at = [], 0
+    for w in waves:
+        with cf.ThreadPoolExecutor(max_workers=w) as ex:
+            out += list(ex.map(lambda p: _generate(port, p, max_new, top_k), prompts[at:at + w]))
+        at += w
+    return out
 
 
 def compare(a: list[dict], b: list[dict]) -> dict:
@@ -92,6 +102,7 @@ def main(argv=None) -> int:
     c.add_argument("--max-new", type=int, default=32)
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--blocks", type=int, default=2, help="few-shot blocks (nested groups under the prompt)")
+    c.add_argument("--waves", default="", help="comma list of wave sizes sent one after another (sum = --n)")
     c.add_argument("--out", required=True)
     m = sub.add_parser("compare")
     m.add_argument("a")
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "collect":
         res = collect(a.port, a.n, a.system_len, a.fewshot_len, a.question_len, a.vocab, a.max_new, a.top_k,
-                      blocks=a.blocks)
+                      blocks=a.blocks, waves=[int(x) for x in a.waves.split(",")] if a.waves else None)
         with open(a.out, "w") as f:
             json.dump(res, f)
         print(f"collected {len(res)} requests -> {a.out}")

@@ -105,6 +105,7 @@ SYSTEMS = {
     "relay-pool1": "relay with --relay-prefix-pool fa3 --relay-prefix-pool-min-rows 1: every group in one run of "
                    "slots on FlashInfer's FA3 over the pool, however small (exactness of that pass)",
     "relay-nopool": "relay with --relay-prefix-pool off: every group on the Triton prefix launch",
+    "relay-noext": "relay with --relay-extend-pool off: prefill over cached prompts on SGLang's paged FA2 path",
 }
 REFERENCE_ONLY = {"triton": {"gsp8k_c128"}, "relay-eager": {"exact"},
                   "relay-fi": {"exact", "gsp8k_c128", "gsp16k_c128", "gsp2k_c64", "ctrl_c128", "nested_c128"},
@@ -115,7 +116,7 @@ RELAY_SYSTEMS = {"relay": [], "relay-eager": ["--disable-cuda-graph"], "relay-fi
                  "relay-cap16": ["--relay-max-groups", "16"], "relay-1graph": ["--relay-plain-graphs", "0"],
                  "relay-nogate": ["--relay-gate", "0"], "relay-noconsec": ["--relay-consecutive-alloc", "0"],
                  "relay-pool1": ["--relay-prefix-pool", "fa3", "--relay-prefix-pool-min-rows", "1"],
-                 "relay-nopool": ["--relay-prefix-pool", "off"]}
+                 "relay-nopool": ["--relay-prefix-pool", "off"], "relay-noext": ["--relay-extend-pool", "off"]}
 # Systems that are SGLang as shipped (plugins off), with their attention backend.
 SGLANG_BACKEND = {"vanilla": "flashinfer", "triton": "triton"}
 # Wall time of a run relative to vanilla's estimate (SGLang's Triton decode is 3-4x slower).
@@ -135,6 +136,7 @@ class Workload:
     conc: int | None = 128
     input_len: int = 0  # rnd only
     fewshot_len: int = 0  # nested only
+    waves: str = ""  # exact only: wave sizes sent one after another (exactness.py --waves)
     control: str | None = None  # workload with the same shape and nothing shared
 
     @property
@@ -173,6 +175,9 @@ WORKLOADS = {w.name: w for w in [
     Workload("exact_groups", "exact", "exactness, many nested groups: 64 concurrent greedy requests, 1K prompt "
              "+ 16 few-shot blocks of 1K (17 groups), 32 tokens with top-5 logprobs", 25, 1024, fewshot_len=1024,
              groups=16, per_group=4, conc=64),
+    Workload("exact_prefill", "exact", "exactness of prefill over a cached prompt: 64 greedy requests, 8K prompt, "
+             "sent in waves of 1, 31 and 32 (the last wave's prefill batches take relay's extend pool pass), "
+             "32 tokens with top-5 logprobs", 30, 8192, groups=1, per_group=64, conc=64, waves="1,31,32"),
     Workload("probe8k", "probe", "TTFT probe: 8K shared prompt, 128 req at once, per-stage timestamps "
              "(needs --server-args --enable-metrics)", 40, 8192),
     Workload("probe16k", "probe", "TTFT probe: 16K shared prompt, 128 req at once, per-stage timestamps "
@@ -275,7 +280,7 @@ def bench_cmd(w: Workload, *, port: int, model_dir: str, out_file: Path, tag: st
         return [sys.executable, str(HERE / "exactness.py"), "collect", "--port", str(port),
                 "--n", str(w.num_requests), "--system-len", str(w.sys_len), "--fewshot-len", str(w.fewshot_len),
                 "--question-len", "64", "--vocab", str(vocab), "--max-new", "32", "--blocks", str(w.groups),
-                "--out", str(out_file)]
+                *(["--waves", w.waves] if w.waves else []), "--out", str(out_file)]
     if w.kind == "probe":
         return [sys.executable, str(HERE / "ttft_probe.py"), "--port", str(port), "--model-dir", model_dir,
                 "--system-len", str(w.sys_len), "--question-len", str(QUESTION_LEN),
