@@ -45,6 +45,8 @@ import dataclasses
 import numpy as np
 import torch
 
+from .pool_prefix import plan_ragged_pinned, run_ragged_torch
+
 __all__ = ["MIN_PREFIX_PAIRS", "ExtendPoolPass", "ExtendPoolPlan", "plan_extend_pool"]
 
 # Fewest (new token, cached prefix token) pairs of a batch worth a plan of its own: below it the
@@ -146,20 +148,13 @@ class ExtendPoolPass:
     def plan(self, pp: ExtendPoolPlan) -> None:
         """Host work for one batch: FlashInfer's schedule and the stacking order on the device."""
         self.plan_ = pp
-        pin = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).pin_memory()) if self.device.type == "cuda" \
-            else (lambda a: torch.from_numpy(np.ascontiguousarray(a)))  # noqa: E731
-        self._perm = None if pp.in_batch_order else pin(pp.perm).to(self.device, non_blocking=True)
-        if self._wrapper is None:
-            return
-        if self._plan_event is not None:
-            # FlashInfer stages its schedule in a pinned buffer and copies it asynchronously:
-            # the previous batch's copy must be done before it is overwritten (it normally is).
-            self._plan_event.synchronize()
-        # Pinned indptrs: a pageable host->device copy would wait for the stream (a hidden sync).
-        self._wrapper.plan(pin(pp.qo_indptr), pin(pp.kv_indptr), self.num_q_heads, self.num_kv_heads,
-                           self.head_dim, causal=False, sm_scale=1.0, q_data_type=self.dtype, kv_data_type=self.dtype)
-        self._plan_event = torch.cuda.Event()
-        self._plan_event.record()
+        perm = torch.from_numpy(pp.perm)
+        if self.device.type == "cuda":
+            perm = perm.pin_memory()  # an async copy (a pageable one would wait for the stream)
+        self._perm = None if pp.in_batch_order else perm.to(self.device, non_blocking=True)
+        if self._wrapper is not None:
+            self._plan_event = plan_ragged_pinned(self._wrapper, pp.qo_indptr, pp.kv_indptr, self.num_q_heads,
+                                                  self.num_kv_heads, self.head_dim, self.dtype, self._plan_event)
 
     def forward_return_lse(self, q: torch.Tensor, kv_cache, causal: bool = False, sm_scale: float | None = None,
                            window_left: int = -1, logits_soft_cap: float | None = None, **_unused):
@@ -187,8 +182,8 @@ class ExtendPoolPass:
         else:
             q_rows = q.index_select(0, self._perm)
             o_rows, lse_rows = torch.empty_like(q_rows), lse2.new_empty((rows, self.num_q_heads))
-        if self._wrapper is None:
-            self._run_torch(q_rows, k_buf, v_buf, scale, o_rows, lse_rows)
+        if self._wrapper is None:  # the float32 stand-in (CPU tests of the layout, not of FA3)
+            run_ragged_torch(q_rows, k_buf, v_buf, self.plan_.qo_indptr, self.plan_.kv_indptr, scale, o_rows, lse_rows)
         else:
             w = self._wrapper
             w._sm_scale = scale  # read at run (FlashInfer's own forward() sets it the same way)
@@ -199,20 +194,3 @@ class ExtendPoolPass:
             o.index_copy_(0, self._perm, o_rows)
             lse2.index_copy_(0, self._perm, lse_rows)
         return o, lse2
-
-    def _run_torch(self, q_rows, k_buf, v_buf, scale, o_rows, lse_rows) -> None:
-        """The planned ragged requests in float32 (CPU tests of the layout, not of FA3)."""
-        from relay_radix.reference import attention_state
-
-        pp = self.plan_
-        for i in range(pp.qo_indptr.size - 1):
-            q0, q1 = int(pp.qo_indptr[i]), int(pp.qo_indptr[i + 1])
-            k0, k1 = int(pp.kv_indptr[i]), int(pp.kv_indptr[i + 1])
-            if q1 == q0:
-                continue
-            m = q1 - q0
-            kk = k_buf[k0:k1].unsqueeze(0).expand(m, -1, -1, -1)
-            vv = v_buf[k0:k1].unsqueeze(0).expand(m, -1, -1, -1)
-            oi, lse = attention_state(q_rows[q0:q1], kk, vv, None, scale)
-            o_rows[q0:q1] = oi.to(o_rows.dtype)
-            lse_rows[q0:q1] = (lse / float(np.log(2.0))).to(torch.float32)

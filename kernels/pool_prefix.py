@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PoolPlan", "PoolPrefixPass", "launch_gather_rows", "plan_pool_requests"]
+__all__ = ["PoolPlan", "PoolPrefixPass", "launch_gather_rows", "plan_pool_requests", "plan_ragged_pinned",
+           "run_ragged_torch"]
 
 # Stacked query rows of one FA3 CTA (members x GQA heads of one KV head); FlashInfer's SM90
 # prefill tiles 128 query rows for head_dim 64/128 (fewer for 256, where this only over-splits).
@@ -234,16 +235,8 @@ class PoolPrefixPass:
 
     def _plan_flashinfer(self, qo_indptr: np.ndarray, kv_indptr: np.ndarray) -> None:
         """FlashInfer's schedule for these requests; the scale is set per layer at run."""
-        if self._plan_event is not None:
-            # FlashInfer stages its schedule in one pinned buffer per wrapper and copies it
-            # asynchronously: wait for the copy of the previous plan before overwriting it
-            # (it was queued a step ago, so this normally returns at once).
-            self._plan_event.synchronize()
-        pin = lambda a: torch.from_numpy(a).pin_memory()  # noqa: E731  (async indptr copies, no stream sync)
-        self._wrapper.plan(pin(qo_indptr), pin(kv_indptr), self.num_q_heads, self.num_kv_heads, self.head_dim,
-                           causal=False, sm_scale=1.0, q_data_type=self.dtype, kv_data_type=self.dtype)
-        self._plan_event = torch.cuda.Event()
-        self._plan_event.record()
+        self._plan_event = plan_ragged_pinned(self._wrapper, qo_indptr, kv_indptr, self.num_q_heads,
+                                              self.num_kv_heads, self.head_dim, self.dtype, self._plan_event)
 
     def plan(self, pp: PoolPlan) -> None:
         """Host work: FlashInfer's schedule for ``pp`` (the caller copies ``pp``'s tables)."""
@@ -279,16 +272,45 @@ class PoolPrefixPass:
     def _run_torch(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor, sm_scale: float) -> None:
         """The requests of the last plan in float32 (CPU tests of the layout, not of FA3)."""
         pp = self._host_plan
-        g = self.num_q_heads // self.num_kv_heads
-        for i in range(pp.num_requests):
-            q0, q1 = int(pp.qo_indptr[i]), int(pp.qo_indptr[i + 1])
-            k0, k1 = int(pp.kv_indptr[i]), int(pp.kv_indptr[i + 1])
-            if q1 == q0:
-                continue
-            qf = self.q[q0:q1].float()  # [m, hq, d]
-            kf = k_buffer[k0:k1].float().repeat_interleave(g, dim=1)  # [n, hq, d]
-            vf = v_buffer[k0:k1].float().repeat_interleave(g, dim=1)
-            s = torch.einsum("mhd,nhd->mhn", qf, kf) * sm_scale
-            lse = torch.logsumexp(s, -1)
-            self.o[q0:q1] = torch.einsum("mhn,nhd->mhd", torch.exp(s - lse[..., None]), vf).to(self.dtype)
-            self.lse2[q0:q1] = lse / 0.6931471805599453
+        run_ragged_torch(self.q, k_buffer, v_buffer, pp.qo_indptr[: pp.num_requests + 1],
+                         pp.kv_indptr[: pp.num_requests + 1], sm_scale, self.o, self.lse2)
+
+
+def plan_ragged_pinned(wrapper, qo_indptr: np.ndarray, kv_indptr: np.ndarray, num_q_heads: int, num_kv_heads: int,
+                       head_dim: int, dtype: torch.dtype, last_event):
+    """Plan a FlashInfer ragged prefill wrapper (non-causal, scale set per layer at run) from
+    pinned copies of the host indptrs; returns the event after the plan's copies.
+
+    FlashInfer stages its schedule in one pinned buffer per wrapper and copies it
+    asynchronously: ``last_event`` (the previous plan's, or None) is waited on before that buffer
+    is overwritten (it was queued a step or a batch ago, so this normally returns at once).
+    Pinned indptrs: a pageable host->device copy would wait for the stream (a hidden sync)."""
+    if last_event is not None:
+        last_event.synchronize()
+    pin = lambda a: torch.from_numpy(np.ascontiguousarray(a)).pin_memory()  # noqa: E731
+    wrapper.plan(pin(qo_indptr), pin(kv_indptr), num_q_heads, num_kv_heads, head_dim,
+                 causal=False, sm_scale=1.0, q_data_type=dtype, kv_data_type=dtype)
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def run_ragged_torch(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, qo_indptr, kv_indptr,
+                     sm_scale: float, o: torch.Tensor, lse2: torch.Tensor) -> None:
+    """Non-causal ragged requests in float32 PyTorch, as FlashInfer's ragged prefill plans them:
+    request ``i``'s query rows ``q[qo_indptr[i]:qo_indptr[i+1]]`` attend pool rows
+    ``kv_indptr[i]:kv_indptr[i+1]`` (absolute slots); writes ``o`` (its dtype) and the base-2
+    LSE ``lse2`` of those rows. The CPU stand-in for FA3 in the layout tests."""
+    g = q.shape[1] // k_buffer.shape[1]
+    for i in range(len(qo_indptr) - 1):
+        q0, q1 = int(qo_indptr[i]), int(qo_indptr[i + 1])
+        k0, k1 = int(kv_indptr[i]), int(kv_indptr[i + 1])
+        if q1 == q0:
+            continue
+        qf = q[q0:q1].float()  # [m, hq, d]
+        kf = k_buffer[k0:k1].float().repeat_interleave(g, dim=1)  # [n, hq, d]
+        vf = v_buffer[k0:k1].float().repeat_interleave(g, dim=1)
+        s = torch.einsum("mhd,nhd->mhn", qf, kf) * sm_scale
+        lse = torch.logsumexp(s, -1)
+        o[q0:q1] = torch.einsum("mhn,nhd->mhd", torch.exp(s - lse[..., None]), vf).to(o.dtype)
+        lse2[q0:q1] = lse / 0.6931471805599453

@@ -181,7 +181,7 @@ def before_run_batch(self, batch, *args, **kwargs):
             # (relay_radix.extend_plan; mixed batches keep SGLang's path).
             from relay_radix.extend_plan import extend_prefix_keys
 
-            backend.set_next_extend(extend_prefix_keys(batch.reqs, self.tree_cache.root_node))
+            backend.set_next_extend(extend_prefix_keys(batch.reqs, backend.manager))
         else:
             backend.set_next_extend(None)
     return None

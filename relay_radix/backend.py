@@ -298,15 +298,13 @@ class RelayAttnBackend(AttentionBackend):
                          "(%d keys, %d requests); it keeps SGLang's path (a bug: please report it)",
                          len(keys), len(plens))
             return None, "keys for another batch (a bug)"
-        known = self.slot_runs.lookup([k for k in keys if k is not None])
-        firsts, learn = [], {}
-        it = iter(known)
-        for i, (k, p) in enumerate(zip(keys, plens)):
-            f = next(it) if k is not None else -1
-            if f is None:
+        named = list(dict.fromkeys(k for k in keys if k is not None))  # each prompt once
+        known = dict(zip(named, self.slot_runs.lookup(named)))  # first slot, -1, or None (not learned)
+        firsts = [-1 if k is None or known[k] is None else known[k] for k in keys]
+        learn = {}  # key -> a batch row holding that prefix
+        for i, k in enumerate(keys):
+            if k is not None and known[k] is None:
                 learn.setdefault(k, i)
-                f = -1
-            firsts.append(f if p > 0 else -1)
         if learn:
             rows = list(learn.values())
             lens = torch.tensor([plens[i] for i in rows], dtype=torch.int64)

@@ -20,29 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ExtendStats", "extend_prefix_keys", "path_tokens"]
+__all__ = ["ExtendStats", "extend_prefix_keys"]
 
 
-def path_tokens(node, root) -> int:
-    """Tokens on the tree path from ``root`` to the end of ``node`` (page size 1)."""
-    n = 0
-    while node is not None and node is not root:
-        n += len(node.key)
-        node = node.parent
-    return n
-
-
-def extend_prefix_keys(reqs, root) -> list:
+def extend_prefix_keys(reqs, manager) -> list:
     """Per request of a prefill batch, the run-table key of its cached prefix, or ``None`` when
     it has none or its ``last_node`` does not end where its prefix does (then the batch keeps
     SGLang's path). Reads ``req.prefix_indices`` and ``req.last_node`` as
     ``ScheduleBatch.prepare_for_extend`` left them (the scheduler hook runs right before the
-    batch launches)."""
-    keys = []
+    batch launches); ``manager``: the tree's ``RelayGroupManager`` (its ``token_depth`` walks
+    the path, shared by the batch's requests)."""
+    keys, memo = [], {}
     for r in reqs:
         plen = len(r.prefix_indices) if r.prefix_indices is not None else 0
         node = getattr(r, "last_node", None)
-        if plen == 0 or node is None or node is root or path_tokens(node, root) != plen:
+        if plen == 0 or node is None or manager.token_depth(node, memo) != plen:
             keys.append(None)
         else:
             keys.append((node.id, 0, plen))

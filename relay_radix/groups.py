@@ -171,13 +171,14 @@ class RelayGroupManager:
             self._dirty = True
 
     # ---- promotion -----------------------------------------------------------------------
-    def _depth(self, node: "TreeNode", memo: dict) -> int:
-        """Token depth of ``node``'s end (sum of key lengths up to the root)."""
+    def token_depth(self, node: "TreeNode", memo: dict) -> int:
+        """Token depth of ``node``'s end (sum of key lengths up to the root); ``memo`` caches
+        it per node for one caller's walk (the tree may change between walks)."""
         if node is self.tree.root_node or node is None:
             return 0
         d = memo.get(node)
         if d is None:
-            d = self._depth(node.parent, memo) + len(node.key)
+            d = self.token_depth(node.parent, memo) + len(node.key)
             memo[node] = d
         return d
 
@@ -201,7 +202,7 @@ class RelayGroupManager:
         self._dirty = False
         memo: dict = {}
         candidates = [n for n, c in self._count.items() if self._is_head_candidate(n, c)]
-        candidates.sort(key=lambda n: (self._depth(n, memo), n.id))  # ancestors first
+        candidates.sort(key=lambda n: (self.token_depth(n, memo), n.id))  # ancestors first
         chosen, gated = self._nest(candidates, memo)
         cap = self.config.max_groups
         if len(chosen) > cap:
@@ -245,7 +246,7 @@ class RelayGroupManager:
             parent_group = chosen.get(anc) if anc is not None else None
             level = parent_group.level + 1 if parent_group else 0
             start = parent_group.end if parent_group else 0
-            end = self._depth(node, memo)
+            end = self.token_depth(node, memo)
             count = self._count[node]
             if level >= cfg.max_levels or end - start < cfg.min_prefix_tokens:
                 continue

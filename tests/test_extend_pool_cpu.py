@@ -97,7 +97,7 @@ def _relay_with_torch_pass(s):
 
 
 def _keys_and_plan(s, runner, relay, batch):
-    sched = types.SimpleNamespace(_relay_backend=relay, tree_cache=s.tree)
+    sched = types.SimpleNamespace(_relay_backend=relay)
     before_run_batch(sched, batch)  # a prefill batch: the hook names each cached prefix
     keys = relay._next_extend
     fb = forward_batch(s, batch, runner)
